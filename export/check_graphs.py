@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Validates famc graphs: onnx.checker (full_check) and strict shape inference, plus famc's rules.
+
+Usage: check_graphs.py FILE.onnx|EXPORT_DIR ...   Exit status 1 on the first failure.
+"""
+import json
+import os
+import sys
+
+import onnx
+from onnx import shape_inference
+
+FORBIDDEN_OPS = {"If", "Loop", "Scan"}
+
+
+def graphs_of(path):
+    if os.path.isdir(path):
+        with open(os.path.join(path, "famc.json")) as f:
+            manifest = json.load(f)
+        files = [manifest["graphs"]["block"]]
+        if manifest["graphs"].get("init"):
+            files.append(manifest["graphs"]["init"])
+        return [os.path.join(path, f) for f in files]
+    return [path]
+
+
+def check(path):
+    # Loading by path lets the checker find external data beside the graph.
+    onnx.checker.check_model(path, full_check=True)
+    model = onnx.load(path)
+    shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    assert model.ir_version <= 10, f"ir_version {model.ir_version} > 10 (ONNX Runtime 1.31 refuses it)"
+    g = model.graph
+    ops = {n.op_type for n in g.node}
+    bad = ops & FORBIDDEN_OPS
+    assert not bad, f"forbidden ops {sorted(bad)}"
+    names = [v.name for v in list(g.input) + list(g.output)] + [n for node in g.node for n in node.output]
+    for n in names:
+        assert ":" not in n and "," not in n, f"tensor name {n!r} has ':' or ','"
+    inputs = {i.name for i in g.input}
+    for o in g.output:
+        producers = [n for n in g.node if o.name in n.output]
+        assert o.name not in inputs, f"output {o.name} is a graph input"
+        for p in producers:
+            assert not (p.op_type == "Identity" and p.input[0] in inputs), f"state input {p.input[0]} wired straight to {o.name}"
+    for vi in list(g.input) + list(g.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                assert d.dim_param in ("batch", "T"), f"{vi.name}: dynamic dim {d.dim_param!r} (only batch and T may be)"
+    print(f"ok {path}: {len(g.node)} nodes, opset {[o.version for o in model.opset_import]}")
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for arg in argv[1:]:
+        for path in graphs_of(arg):
+            try:
+                check(path)
+            except Exception as e:  # report which graph failed, then fail
+                print(f"FAILED {path}: {e}", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

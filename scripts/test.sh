@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: sets up the Python tooling and the ONNX Runtime library, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-python.sh
+ORT_DYLIB_PATH="$(.venv/bin/python -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')"
+export ORT_DYLIB_PATH
+export FAMC_PYTHON="$PWD/.venv/bin/python"
+export FAMC_REQUIRE_PYTHON=1
+cargo test --all-targets -- --test-threads=2

@@ -1,0 +1,454 @@
+//! Emission of the FAM graphs: the block graph and the init graph (docs/graph-contract.md).
+//!
+//! Each layer runs the F FAM rows and the T block rows as one sequence of F + T rows at positions
+//! s − F … s + T − 1, so the FAM and block projections share one MatMul each. One additive mask
+//! gives both attention patterns of FAM-SPEC section 2: FAM rows see every FAM and block key and
+//! no memory; block rows see the valid memory, every FAM key and the block keys up to their own.
+
+use ndarray::Array2;
+
+use crate::builder::{DType, Dim, GraphBuilder, TensorData, Value};
+use crate::error::Result;
+use crate::model::{FamParams, LayerWeights, LlamaWeights, ModelConfig};
+use crate::onnx::{self, DEFAULT_OPSET};
+
+/// Additive mask value for hidden keys: finite, so no row ever turns into NaN.
+const MASKED: f32 = -1e9;
+
+/// Names of graph inputs and outputs (docs/graph-contract.md).
+pub mod names {
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const BLOCK_INDEX: &str = "block_index";
+    pub const LOGITS: &str = "logits";
+
+    pub fn fam(l: usize) -> String {
+        format!("fam.{l}")
+    }
+    pub fn mem_k(l: usize) -> String {
+        format!("mem_k.{l}")
+    }
+    pub fn mem_v(l: usize) -> String {
+        format!("mem_v.{l}")
+    }
+    /// The output carrying the next value of state input `input`.
+    pub fn next(input: &str) -> String {
+        format!("next_{input}")
+    }
+    pub fn init_fam(l: usize) -> String {
+        format!("init_fam.{l}")
+    }
+}
+
+/// Symbolic dimension names.
+pub const BATCH: &str = "batch";
+/// The block's token count, 1 ≤ T ≤ L.
+pub const TOKENS: &str = "T";
+
+/// What the emitter needs to know about the model.
+pub struct EmitSpec<'a> {
+    pub config: &'a ModelConfig,
+    pub weights: &'a LlamaWeights,
+    pub fam: FamParams,
+}
+
+fn sym(name: &str) -> Dim {
+    Dim::Sym(name.to_string())
+}
+
+fn fixed(n: usize) -> Dim {
+    Dim::Fixed(n as i64)
+}
+
+/// The transposed matrix [in, out] as an initializer, so that `x · Wᵀ` is one MatMul.
+fn weight_t(b: &mut GraphBuilder, name: &str, w: &Array2<f32>) -> Result<Value> {
+    let t = w.t();
+    let data: Vec<f32> = t.iter().copied().collect();
+    let dims = [t.nrows() as i64, t.ncols() as i64];
+    Ok(b.weight(name, TensorData::from_f32(&data, &dims))?)
+}
+
+fn weight_vec(b: &mut GraphBuilder, name: &str, v: &ndarray::Array1<f32>) -> Result<Value> {
+    let data: Vec<f32> = v.iter().copied().collect();
+    Ok(b.weight(name, TensorData::from_f32(&data, &[data.len() as i64]))?)
+}
+
+struct Emitter<'a> {
+    spec: &'a EmitSpec<'a>,
+}
+
+/// Rotary tables for a run of rows: cos and sin, each [B, 1, Q, Dh].
+struct Rope {
+    cos: Value,
+    sin: Value,
+}
+
+impl<'a> Emitter<'a> {
+    fn cfg(&self) -> &ModelConfig {
+        self.spec.config
+    }
+
+    /// RMSNorm(x; w) over the last axis.
+    fn rms_norm(&self, b: &mut GraphBuilder, x: &Value, w: &Value) -> Value {
+        b.scoped("norm", |b| {
+            let sq = b.mul(x, x);
+            let ms = b.reduce_mean(&sq, &[-1], true);
+            let eps = b.scalar_f32(self.cfg().rms_norm_eps as f32);
+            let var = b.add(&ms, &eps);
+            let rms = b.sqrt(&var);
+            let inv = b.reciprocal(&rms);
+            let y = b.mul(x, &inv);
+            b.mul(&y, w)
+        })
+    }
+
+    /// cos/sin tables for float positions [B, Q].
+    fn rope_tables(&self, b: &mut GraphBuilder, positions: &Value) -> Rope {
+        b.scoped("rope", |b| {
+            let dh = self.cfg().head_dim;
+            let theta = self.cfg().rope_theta;
+            let inv_freq: Vec<f32> = (0..dh / 2)
+                .map(|j| (1.0 / theta.powf(2.0 * j as f64 / dh as f64)) as f32)
+                .collect();
+            let inv = b.const_f32(&inv_freq, &[(dh / 2) as i64]);
+            let pos = b.unsqueeze(positions, &[-1]);
+            let angles = b.mul(&pos, &inv);
+            let emb = b.concat(&[&angles, &angles], -1);
+            let emb = b.unsqueeze(&emb, &[1]);
+            Rope {
+                cos: b.cos(&emb),
+                sin: b.sin(&emb),
+            }
+        })
+    }
+
+    /// x·cos + rotate_half(x)·sin for x [B, heads, Q, Dh].
+    fn apply_rope(&self, b: &mut GraphBuilder, x: &Value, rope: &Rope) -> Value {
+        let half = (self.cfg().head_dim / 2) as i64;
+        let x1 = b.slice(x, &[0], &[half], &[-1], None);
+        let x2 = b.slice(x, &[half], &[i64::MAX], &[-1], None);
+        let nx2 = b.neg(&x2);
+        let rot = b.concat(&[&nx2, &x1], -1);
+        let a = b.mul(x, &rope.cos);
+        let c = b.mul(&rot, &rope.sin);
+        b.add(&a, &c)
+    }
+
+    /// [B, Q, heads·Dh] → [B, heads, Q, Dh]
+    fn split_heads(&self, b: &mut GraphBuilder, x: &Value, heads: usize) -> Value {
+        let dh = self.cfg().head_dim as i64;
+        let r = b.reshape(x, &[0, 0, heads as i64, dh]);
+        b.transpose(&r, &[0, 2, 1, 3])
+    }
+
+    fn linear(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        name: &str,
+        w: &Array2<f32>,
+        bias: Option<&ndarray::Array1<f32>>,
+    ) -> Result<Value> {
+        let wt = weight_t(b, &format!("{name}.weight"), w)?;
+        let y = b.matmul(x, &wt);
+        Ok(match bias {
+            Some(bias) => {
+                let bv = weight_vec(b, &format!("{name}.bias"), bias)?;
+                b.add(&y, &bv)
+            }
+            None => y,
+        })
+    }
+
+    /// One decoder layer over rows [B, Q, d].
+    ///
+    /// `memory`: keys/values [B, Hkv, M·L, Dh] prepended to the rows' own keys; `mask`: additive,
+    /// [B or 1, 1, G·Q, keys], the [Q, keys] pattern repeated for each of the G query heads that
+    /// share a key/value head; `residual`: what the attention output is added to.
+    /// Returns the layer output [B, Q, d] and the rows' post-RoPE keys and values [B, Hkv, Q, Dh].
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        b: &mut GraphBuilder,
+        lw: &LayerWeights,
+        rows: &Value,
+        rope: &Rope,
+        memory: Option<(&Value, &Value)>,
+        mask: Option<&Value>,
+        residual: &Value,
+    ) -> Result<(Value, Value, Value)> {
+        let cfg = self.cfg();
+        let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (attn_out, k, v) = b.scoped("attn", |b| -> Result<_> {
+            let w_in = weight_vec(b, "input_layernorm.weight", &lw.input_layernorm)?;
+            let x = self.rms_norm(b, rows, &w_in);
+            let a = &lw.attn;
+            let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
+            let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
+            let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
+            let q = self.split_heads(b, &q, h);
+            let k = self.split_heads(b, &k, hkv);
+            let v = self.split_heads(b, &v, hkv);
+            let q = self.apply_rope(b, &q, rope);
+            let k = self.apply_rope(b, &k, rope);
+            let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
+            let q = b.mul(&q, &scale);
+            let (keys, values) = match memory {
+                Some((mk, mv)) => (b.concat(&[mk, &k], 2), b.concat(&[mv, &v], 2)),
+                None => (k.clone(), v.clone()),
+            };
+            // GQA without repeating keys: a key/value head's G query heads are one run of G·Q
+            // rows, so every MatMul is rank 4.
+            let qg = b.reshape(&q, &[0, hkv as i64, -1, dh as i64]); // [B, Hkv, G·Q, Dh]
+            let kt = b.transpose(&keys, &[0, 1, 3, 2]);
+            let scores = b.matmul(&qg, &kt); // [B, Hkv, G·Q, N]
+            let scores = match mask {
+                Some(m) => b.add(&scores, m),
+                None => scores,
+            };
+            let p = b.softmax(&scores, -1);
+            let o = b.matmul(&p, &values); // [B, Hkv, G·Q, Dh]
+            let o = b.reshape(&o, &[0, h as i64, -1, dh as i64]);
+            let o = b.transpose(&o, &[0, 2, 1, 3]);
+            let o = b.reshape(&o, &[0, 0, (h * dh) as i64]);
+            let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
+            Ok((o, k, v))
+        })?;
+        let a = b.add(&attn_out, residual);
+        let out = b.scoped("mlp", |b| -> Result<Value> {
+            let w_post = weight_vec(
+                b,
+                "post_attention_layernorm.weight",
+                &lw.post_attention_layernorm,
+            )?;
+            let z = self.rms_norm(b, &a, &w_post);
+            let m = &lw.mlp;
+            let g = self.linear(b, &z, "gate_proj", &m.gate_proj, None)?;
+            let u = self.linear(b, &z, "up_proj", &m.up_proj, None)?;
+            let sg = b.sigmoid(&g);
+            let silu = b.mul(&g, &sg);
+            let gu = b.mul(&silu, &u);
+            let down = self.linear(b, &gu, "down_proj", &m.down_proj, None)?;
+            Ok(b.add(&a, &down))
+        })?;
+        Ok((out, k, v))
+    }
+}
+
+/// The block graph: one block of up to L tokens for a batch of streams, state in and out.
+pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let w = spec.weights;
+    let p = spec.fam;
+    p.validate()?;
+    let (d, hkv, dh, v_size) = (
+        cfg.hidden_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
+    let em = Emitter { spec };
+    let mut b = GraphBuilder::new("famc_block", DEFAULT_OPSET);
+    let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), sym(TOKENS)]);
+    let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
+    let mut state_in = Vec::new();
+    for l in 0..cfg.num_layers {
+        let fam = (f > 0).then(|| {
+            b.input(
+                &names::fam(l),
+                DType::F32,
+                vec![sym(BATCH), fixed(f), fixed(d)],
+            )
+        });
+        let mem = (ml > 0).then(|| {
+            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
+            (
+                b.input(&names::mem_k(l), DType::F32, shape.clone()),
+                b.input(&names::mem_v(l), DType::F32, shape),
+            )
+        });
+        state_in.push((fam, mem));
+    }
+
+    // Positions, masks and the first-update factor, shared by every layer.
+    let (rope, mask, first_factor) = b.scoped("block", |b| {
+        let shape = b.shape(&ids);
+        let one = b.scalar_i64(1);
+        let t = b.gather(&shape, &one, 0);
+        let f_c = b.scalar_i64(f as i64);
+        let q_len = b.add(&t, &f_c);
+        let zero = b.scalar_i64(0);
+        let rows = b.range(&zero, &q_len, &one); // [Q]
+        let l_c = b.scalar_i64(l_len as i64);
+        let start = b.mul(&block_index, &l_c);
+        let first_pos = b.sub(&start, &f_c);
+        let first_pos = b.unsqueeze(&first_pos, &[1]); // [B, 1]
+        let pos_i = b.add(&first_pos, &rows); // [B, Q]
+        let pos = b.cast(&pos_i, DType::F32);
+        let rope = em.rope_tables(b, &pos);
+
+        // self part: row i sees row j when i < F (a FAM row) or j <= i, the latter written as
+        // pos_j <= pos_i on the [B, Q] positions: tract mis-evaluates masks that depend on T alone.
+        let pos_row = b.unsqueeze(&pos_i, &[2]); // [B, Q, 1]
+        let pos_col = b.unsqueeze(&pos_i, &[1]); // [B, 1, Q]
+        let future = b.less(&pos_row, &pos_col);
+        let causal = b.op("Not", &[&future], vec![], DType::Bool); // [B, Q, Q]
+        let is_fam_row = (f > 0).then(|| {
+            let row_col = b.unsqueeze(&rows, &[1]); // [Q, 1]
+            b.less(&row_col, &f_c)
+        });
+        let self_vis = match &is_fam_row {
+            Some(fam_row) => b.op("Or", &[fam_row, &causal], vec![], DType::Bool),
+            None => causal,
+        };
+        let masked = b.scalar_f32(MASKED);
+        let open = b.scalar_f32(0.0);
+        let vis = if ml > 0 {
+            // memory slot j is valid when j >= M·L − min(τ·L, M·L); only block rows see it
+            let ml_c = b.scalar_i64(ml as i64);
+            let valid = b.op("Min", &[&start, &ml_c], vec![], DType::I64);
+            let first_valid = b.sub(&ml_c, &valid); // [B]
+            let first_valid = b.unsqueeze(&first_valid, &[1, 2]); // [B, 1, 1]
+            let slots: Vec<i64> = (0..ml as i64).collect();
+            let slots = b.const_i64(&slots, &[1, 1, ml as i64]);
+            let slot_ok = b.op(
+                "GreaterOrEqual",
+                &[&slots, &first_valid],
+                vec![],
+                DType::Bool,
+            ); // [B, 1, ML]
+            let mem_vis = match &is_fam_row {
+                Some(fam_row) => {
+                    let is_block_row = b.op("Not", &[fam_row], vec![], DType::Bool); // [Q, 1]
+                    b.op("And", &[&slot_ok, &is_block_row], vec![], DType::Bool)
+                }
+                None => slot_ok,
+            };
+            let batch = b.shape(&block_index);
+            let q1 = b.unsqueeze(&q_len, &[0]);
+            let ml_1 = b.vec_i64(&[ml as i64]);
+            let mem_shape = b.concat(&[&batch, &q1, &ml_1], 0);
+            let mem_vis = b.expand(&mem_vis, &mem_shape); // [B, Q, ML]
+            b.concat(&[&mem_vis, &self_vis], 2) // [B, Q, ML + Q]
+        } else {
+            self_vis
+        };
+        let m = b.where_(&vis, &open, &masked);
+        let mask = b.unsqueeze(&m, &[1]); // [B, 1, Q, keys]
+        let group = cfg.group_size() as i64;
+        let mask = if group > 1 {
+            // rows of a key/value head's G query heads run as G·Q rows (see `Emitter::layer`)
+            let reps = b.vec_i64(&[1, 1, group, 1]);
+            b.op("Tile", &[&mask, &reps], vec![], DType::F32)
+        } else {
+            mask
+        };
+        let first_factor = (f > 0).then(|| {
+            let later = b.greater(&block_index, &zero);
+            let later = b.cast(&later, DType::F32);
+            b.unsqueeze(&later, &[1, 2]) // [B, 1, 1]
+        });
+        (rope, mask, first_factor)
+    });
+
+    let embed = b.weight("embed_tokens.weight", {
+        let data: Vec<f32> = w.embed_tokens.iter().copied().collect();
+        TensorData::from_f32(&data, &[v_size as i64, d as i64])
+    })?;
+    let mut x = b.gather(&embed, &ids, 0); // [B, T, d]
+    for (l, lw) in w.layers.iter().enumerate() {
+        b.push_scope(&format!("layers.{l}"));
+        let (fam, mem) = &state_in[l];
+        let (rows, residual) = match (fam, &first_factor) {
+            (Some(fam), Some(factor)) => {
+                let rows = b.concat(&[fam, &x], 1);
+                let fam_res = b.mul(fam, factor);
+                let residual = b.concat(&[&fam_res, &x], 1);
+                (rows, residual)
+            }
+            _ => (x.clone(), x.clone()),
+        };
+        let memory = mem.as_ref().map(|(k, v)| (k, v));
+        let (out, k, v) = em.layer(&mut b, lw, &rows, &rope, memory, Some(&mask), &residual)?;
+        if fam.is_some() {
+            let next_fam = b.slice(&out, &[0], &[f as i64], &[1], None);
+            b.output_with_shape(
+                &next_fam,
+                &names::next(&names::fam(l)),
+                vec![sym(BATCH), fixed(f), fixed(d)],
+            );
+            x = b.slice(&out, &[f as i64], &[i64::MAX], &[1], None);
+        } else {
+            x = out;
+        }
+        if let Some((mk, mv)) = mem {
+            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
+            for (memory, new, input) in [(mk, &k, &names::mem_k(l)), (mv, &v, &names::mem_v(l))] {
+                let block_part = if f > 0 {
+                    b.slice(new, &[f as i64], &[i64::MAX], &[2], None)
+                } else {
+                    new.clone()
+                };
+                let all = b.concat(&[memory, &block_part], 2);
+                let kept = b.slice(&all, &[-(ml as i64)], &[i64::MAX], &[2], None);
+                b.output_with_shape(&kept, &names::next(input), shape.clone());
+            }
+        }
+        b.pop_scope();
+    }
+    let logits = b.scoped("head", |b| -> Result<Value> {
+        let norm = weight_vec(b, "norm.weight", &w.norm)?;
+        let h = em.rms_norm(b, &x, &norm);
+        em.linear(b, &h, "lm_head", w.output_weight(), None)
+    })?;
+    b.output_with_shape(
+        &logits,
+        names::LOGITS,
+        vec![sym(BATCH), sym(TOKENS), fixed(v_size)],
+    );
+    reorder_outputs(b.finish()?)
+}
+
+/// Puts `logits` first, then the state outputs layer by layer, as the contract lists them.
+fn reorder_outputs(mut m: onnx::ModelProto) -> Result<onnx::ModelProto> {
+    if let Some(g) = m.graph.as_mut() {
+        let pos = g.output.iter().position(|o| o.name == names::LOGITS);
+        if let Some(i) = pos {
+            let logits = g.output.remove(i);
+            g.output.insert(0, logits);
+        }
+    }
+    Ok(m)
+}
+
+/// The init graph: no inputs; outputs `init_fam.{l}` [F, d] for every layer (FAM-SPEC section 3).
+pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let w = spec.weights;
+    let (f, d) = (spec.fam.fam_len, cfg.hidden_size);
+    let em = Emitter { spec };
+    let mut b = GraphBuilder::new("famc_init", DEFAULT_OPSET);
+    let prompt: Vec<f32> = match &w.fam_init {
+        Some(a) => a.iter().copied().collect(),
+        None => vec![0.0; f * d],
+    };
+    let mut cur = b.weight(
+        "fam_init",
+        TensorData::from_f32(&prompt, &[1, f as i64, d as i64]),
+    )?;
+    let positions: Vec<f32> = (0..f).map(|i| i as f32 - f as f32).collect();
+    let pos = b.const_f32(&positions, &[1, f as i64]);
+    let rope = b.scoped("init", |b| em.rope_tables(b, &pos));
+    for (l, lw) in w.layers.iter().enumerate() {
+        let out = b.squeeze(&cur, &[0]);
+        b.output_with_shape(&out, &names::init_fam(l), vec![fixed(f), fixed(d)]);
+        if l + 1 == w.layers.len() {
+            break;
+        }
+        b.push_scope(&format!("layers.{l}"));
+        let (next, _, _) = em.layer(&mut b, lw, &cur, &rope, None, None, &cur)?;
+        b.pop_scope();
+        cur = next;
+    }
+    Ok(b.finish()?)
+}

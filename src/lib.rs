@@ -1,0 +1,21 @@
+//! famc: a graph compiler and runtime for TransformerFAM (feedback attention memory) on
+//! Llama-family checkpoints.
+//!
+//! - [`model`] reads Hugging Face checkpoints (config.json + safetensors);
+//! - [`reference`] is the pure-Rust f64 reference of `FAM-SPEC.md`;
+//! - [`onnx`] and [`builder`] write ONNX graphs;
+//! - [`io`] reads token ids and writes results atomically.
+
+pub mod builder;
+pub mod emit;
+pub mod error;
+pub mod export;
+pub mod inspect;
+pub mod io;
+pub mod model;
+pub mod onnx;
+pub mod reference;
+pub mod runtime;
+pub mod session;
+
+pub use error::{Error, Result};

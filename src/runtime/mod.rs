@@ -1,0 +1,342 @@
+//! Running ONNX graphs: one backend-neutral interface, [`GraphRunner`], over two backends:
+//!
+//! - [`BackendKind::Tract`]: pure Rust ([`tract_onnx`]), always available;
+//! - [`BackendKind::Ort`]: ONNX Runtime through the `ort` crate, loaded at run time from a shared
+//!   library (see [`ort::find_ort_library`] for where it is looked for).
+//!
+//! A runner loads one graph file once (its ONNX external data, `<file>.data`, is found beside it)
+//! and runs it many times; the symbolic dimensions of the graph contract (`batch`, `T`) may change
+//! from run to run. Inputs go in [`GraphRunner::input_names`] order and are checked against the
+//! graph's declared types and shapes before the backend sees them, so a mismatch is a clear error
+//! naming the input, never a panic.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use ndarray::ArrayD;
+
+use crate::{Error, Result};
+
+pub mod ort;
+pub mod tract;
+
+/// A host tensor given to a graph.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl Tensor {
+    /// The element type.
+    pub fn elem_type(&self) -> ElemType {
+        match self {
+            Tensor::F32(_) => ElemType::F32,
+            Tensor::I64(_) => ElemType::I64,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32(a) => a.shape(),
+            Tensor::I64(a) => a.shape(),
+        }
+    }
+}
+
+impl From<ArrayD<f32>> for Tensor {
+    fn from(a: ArrayD<f32>) -> Self {
+        Tensor::F32(a)
+    }
+}
+
+impl From<ArrayD<i64>> for Tensor {
+    fn from(a: ArrayD<i64>) -> Self {
+        Tensor::I64(a)
+    }
+}
+
+/// The element type of a graph input or output, as declared by the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    I64,
+    /// Any other type, by its name (such inputs cannot be fed from a [`Tensor`]).
+    Other(String),
+}
+
+impl fmt::Display for ElemType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ElemType::F32 => f.write_str("float32"),
+            ElemType::I64 => f.write_str("int64"),
+            ElemType::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One dimension of a declared shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbolic dimension (ONNX `dim_param`), e.g. `batch` or `T`: any size, the same for every
+    /// input that names it within one run.
+    Named(String),
+    /// Any size (an unnamed dynamic dimension, or an expression).
+    Any,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Named(s) => f.write_str(s),
+            Dim::Any => f.write_str("?"),
+        }
+    }
+}
+
+/// The declared name, element type and shape of a graph input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoSpec {
+    pub name: String,
+    pub elem_type: ElemType,
+    /// `None` when the graph does not declare the rank.
+    pub shape: Option<Vec<Dim>>,
+}
+
+impl fmt::Display for IoSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.name, self.elem_type)?;
+        match &self.shape {
+            Some(dims) => write!(f, " [{}]", join(dims.iter())),
+            None => f.write_str(" [unknown rank]"),
+        }
+    }
+}
+
+/// A loaded graph, ready to run many times.
+pub trait GraphRunner: Send {
+    /// The graph's input names, in the order [`GraphRunner::run`] takes them.
+    fn input_names(&self) -> &[String];
+    /// The graph's output names, in the order [`GraphRunner::run`] returns them.
+    fn output_names(&self) -> &[String];
+    /// The graph's declared inputs (same order as [`GraphRunner::input_names`]).
+    fn input_specs(&self) -> &[IoSpec];
+    /// The backend running this graph.
+    fn backend(&self) -> BackendKind;
+    /// Inputs in input_names() order; returns every output in output_names() order, as f32.
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>>;
+}
+
+/// Which backend runs a graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// tract (pure Rust, CPU).
+    Tract,
+    /// ONNX Runtime, loaded dynamically.
+    Ort,
+}
+
+impl BackendKind {
+    /// The backend's name, as in [`Error::Backend`]: `"tract"` or `"ort"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Tract => "tract",
+            BackendKind::Ort => "ort",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tract" => Ok(BackendKind::Tract),
+            "ort" | "onnxruntime" => Ok(BackendKind::Ort),
+            _ => Err(Error::Input(format!(
+                "unknown backend `{s}` (expected `tract` or `ort`)"
+            ))),
+        }
+    }
+}
+
+/// ONNX Runtime's graph optimisation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrtOptLevel {
+    /// No graph optimisation.
+    Disable,
+    /// Semantics-preserving rewrites (constant folding, redundant node removal).
+    Basic,
+    /// Basic plus complex node fusions.
+    Extended,
+    /// Everything, including layout optimisations (ONNX Runtime's default).
+    All,
+}
+
+impl OrtOptLevel {
+    /// The level's name: `disable`, `basic`, `extended` or `all`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrtOptLevel::Disable => "disable",
+            OrtOptLevel::Basic => "basic",
+            OrtOptLevel::Extended => "extended",
+            OrtOptLevel::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for OrtOptLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for OrtOptLevel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "disable" | "disabled" | "none" | "0" => Ok(OrtOptLevel::Disable),
+            "basic" | "1" => Ok(OrtOptLevel::Basic),
+            "extended" | "2" => Ok(OrtOptLevel::Extended),
+            "all" | "99" => Ok(OrtOptLevel::All),
+            _ => Err(Error::Input(format!(
+                "unknown ONNX Runtime optimisation level `{s}` (expected disable, basic, extended or all)"
+            ))),
+        }
+    }
+}
+
+/// How to load and run a graph. `Default` leaves every choice to the backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Threads used inside one operator (ONNX Runtime's intra-op pool). tract runs single-threaded
+    /// in this build and ignores it.
+    pub intra_threads: Option<usize>,
+    /// Threads used across operators (ONNX Runtime only; enables its parallel execution mode
+    /// when above 1).
+    pub inter_threads: Option<usize>,
+    /// ONNX Runtime's graph optimisation level (its default: all).
+    pub ort_optimization: Option<OrtOptLevel>,
+}
+
+/// Loads the ONNX graph at `path` for `kind`; its external data (`<file>.data`) must lie beside it.
+pub fn open_graph(
+    kind: BackendKind,
+    path: &Path,
+    opts: &RunOptions,
+) -> Result<Box<dyn GraphRunner>> {
+    if !path.is_file() {
+        let what = if path.exists() {
+            "is not a file"
+        } else {
+            "does not exist"
+        };
+        return Err(backend_error(kind, path, format!("graph file {what}")));
+    }
+    match kind {
+        BackendKind::Tract => Ok(Box::new(tract::TractRunner::open(path, opts)?)),
+        BackendKind::Ort => Ok(Box::new(ort::OrtRunner::open(path, opts)?)),
+    }
+}
+
+/// An [`Error::Backend`] naming the backend and the graph file.
+pub(crate) fn backend_error(kind: BackendKind, path: &Path, message: impl fmt::Display) -> Error {
+    Error::Backend {
+        backend: kind.name(),
+        message: format!("{}: {message}", path.display()),
+    }
+}
+
+fn join<T: fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Checks `inputs` against the graph's declared inputs: count, element types, ranks, fixed sizes
+/// and the consistency of named dimensions across inputs.
+pub(crate) fn check_inputs(
+    kind: BackendKind,
+    path: &Path,
+    specs: &[IoSpec],
+    inputs: &[Tensor],
+) -> Result<()> {
+    if inputs.len() != specs.len() {
+        let names = if specs.is_empty() {
+            "none".to_string()
+        } else {
+            join(specs.iter().map(|s| format!("`{}`", s.name)))
+        };
+        return Err(backend_error(
+            kind,
+            path,
+            format!(
+                "the graph takes {} input(s) ({names}), got {}",
+                specs.len(),
+                inputs.len()
+            ),
+        ));
+    }
+    let mut named: Vec<(&str, usize, &str)> = Vec::new(); // (symbol, value, input that set it)
+    for (ix, (spec, t)) in specs.iter().zip(inputs).enumerate() {
+        let given = || format!("{} [{}]", t.elem_type(), join(t.shape().iter()));
+        if spec.elem_type != t.elem_type() {
+            return Err(backend_error(
+                kind,
+                path,
+                format!("input #{ix} {spec} does not accept a {} tensor", given()),
+            ));
+        }
+        let Some(dims) = &spec.shape else { continue };
+        if dims.len() != t.shape().len() {
+            return Err(backend_error(
+                kind,
+                path,
+                format!(
+                    "input #{ix} {spec}: expected rank {}, got a tensor of shape {}",
+                    dims.len(),
+                    given()
+                ),
+            ));
+        }
+        for (axis, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+            match d {
+                Dim::Fixed(want) if *want != n => {
+                    return Err(backend_error(
+                        kind,
+                        path,
+                        format!(
+                            "input #{ix} {spec}: dimension {axis} must be {want}, got a tensor of shape {}",
+                            given()
+                        ),
+                    ));
+                }
+                Dim::Named(sym) => match named.iter().find(|(s, _, _)| s == sym) {
+                    Some((_, v, by)) if *v != n => {
+                        return Err(backend_error(
+                            kind,
+                            path,
+                            format!(
+                                "input #{ix} {spec}: dimension {axis} (`{sym}`) is {n}, but input `{by}` has `{sym}` = {v}"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => named.push((sym, n, &spec.name)),
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

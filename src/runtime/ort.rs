@@ -1,0 +1,614 @@
+//! The ONNX Runtime backend, through the `ort` crate with its `load-dynamic` feature: the shared
+//! library is found at run time ([`find_ort_library`]), its version checked (at least
+//! [`ORT_MIN_VERSION`]) before `ort` touches it, and `ort` initialised from it once per process.
+//!
+//! State stays host-side: inputs are copied in from ndarrays and outputs copied out as f32.
+
+use std::ffi::{CStr, OsStr};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use ::ort::environment::Environment;
+use ::ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ::ort::session::{Session, SessionInputValue};
+use ::ort::value::{TensorElementType, ValueType};
+use ndarray::ArrayD;
+
+use super::{
+    backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, OrtOptLevel,
+    RunOptions, Tensor,
+};
+use crate::{Error, Result};
+
+const KIND: BackendKind = BackendKind::Ort;
+
+/// The oldest ONNX Runtime this build works with, (major, minor): `ort` 2.0.0-rc.15 built with
+/// `api-31` asks the library for C API version 31.
+pub const ORT_MIN_VERSION: (u32, u32) = (1, 31);
+
+/// The environment variable naming the ONNX Runtime shared library (a file, or a directory
+/// holding it).
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+const FIX_HINT: &str =
+    "install ONNX Runtime 1.31 (`pip install onnxruntime==1.31.1`, in the active \
+virtualenv or ./.venv) or set ORT_DYLIB_PATH to its libonnxruntime shared library \
+(…/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1)";
+
+/// An ONNX Runtime shared library that was found and probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrtLibrary {
+    /// The library file.
+    pub path: PathBuf,
+    /// Its version, as the library reports it (e.g. `1.31.1`).
+    pub version: String,
+    /// Where it was found: `ORT_DYLIB_PATH`, `python package (…)` or `system path`.
+    pub found_via: String,
+}
+
+impl fmt::Display for OrtLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ONNX Runtime {} at {} (found via {})",
+            self.version,
+            self.path.display(),
+            self.found_via
+        )
+    }
+}
+
+fn ort_error(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: KIND.name(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding and probing the library
+// ---------------------------------------------------------------------------------------------
+
+/// Finds a usable ONNX Runtime library (version at least [`ORT_MIN_VERSION`]), in this order:
+///
+/// 1. `ORT_DYLIB_PATH` when set (a file, or a directory holding `libonnxruntime.so*`); when it is
+///    set, nothing else is searched: a bad value is an error;
+/// 2. the Python `onnxruntime` package's `capi/` directory, asking `$VIRTUAL_ENV/bin/python`,
+///    `./.venv/bin/python` and `python3` where the package lies;
+/// 3. the directories of `LD_LIBRARY_PATH`, then `/usr/local/lib`, `/usr/lib`,
+///    `/usr/lib/x86_64-linux-gnu`, `/usr/lib64`.
+///
+/// Probing loads the library briefly (without initialising ONNX Runtime) to ask its version.
+pub fn find_ort_library() -> Result<OrtLibrary> {
+    let env = std::env::var_os(ORT_DYLIB_ENV).filter(|v| !v.is_empty());
+    find_ort_library_with(env.as_deref())
+}
+
+/// [`find_ort_library`] with an explicit value for `ORT_DYLIB_PATH` (`None`: unset).
+pub fn find_ort_library_with(dylib_path: Option<&OsStr>) -> Result<OrtLibrary> {
+    if let Some(value) = dylib_path {
+        return library_from_env_value(Path::new(value));
+    }
+    let mut rejected: Vec<(PathBuf, String)> = Vec::new();
+    let mut searched: Vec<String> = Vec::new();
+    let groups = [
+        ("python package", python_candidates(&mut searched)),
+        ("system path", system_candidates(&mut searched)),
+    ];
+    for (via, candidates) in groups {
+        for (path, via_detail) in candidates {
+            match probe(&path) {
+                Ok(version) => match check_version(&version) {
+                    Ok(()) => {
+                        return Ok(OrtLibrary {
+                            path,
+                            version,
+                            found_via: match via_detail {
+                                Some(d) => format!("{via} ({d})"),
+                                None => via.to_string(),
+                            },
+                        })
+                    }
+                    Err(why) => rejected.push((path, why)),
+                },
+                Err(why) => rejected.push((path, why)),
+            }
+        }
+    }
+    let mut msg = String::from("no usable ONNX Runtime library found");
+    if rejected.is_empty() {
+        msg.push_str(&format!(
+            " (ORT_DYLIB_PATH is unset; searched: {})",
+            searched.join(", ")
+        ));
+    } else {
+        msg.push_str(" (ORT_DYLIB_PATH is unset); found but rejected:");
+        for (p, why) in &rejected {
+            msg.push_str(&format!("\n  {}: {why}", p.display()));
+        }
+        msg.push_str(&format!("\n  searched: {}", searched.join(", ")));
+    }
+    msg.push_str(&format!(".\nTo fix: {FIX_HINT}."));
+    Err(ort_error(msg))
+}
+
+fn library_from_env_value(value: &Path) -> Result<OrtLibrary> {
+    let fail = |what: String| {
+        ort_error(format!(
+            "ORT_DYLIB_PATH={}: {what}.\nTo fix: {FIX_HINT}, or unset ORT_DYLIB_PATH to search the \
+             Python package and the system paths",
+            value.display()
+        ))
+    };
+    let path = if value.is_dir() {
+        let found = library_files_in(value);
+        match found.into_iter().next() {
+            Some(p) => p,
+            None => {
+                return Err(fail(format!(
+                    "the directory holds no {}onnxruntime{} file",
+                    std::env::consts::DLL_PREFIX,
+                    std::env::consts::DLL_SUFFIX
+                )))
+            }
+        }
+    } else if value.is_file() {
+        value.to_path_buf()
+    } else if value.exists() {
+        return Err(fail("not a file".into()));
+    } else {
+        return Err(fail("no such file".into()));
+    };
+    let version = probe(&path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    check_version(&version).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    Ok(OrtLibrary {
+        path,
+        version,
+        found_via: ORT_DYLIB_ENV.to_string(),
+    })
+}
+
+/// Loads the shared library at `path` (without initialising ONNX Runtime), asks its version
+/// through `OrtGetApiBase()->GetVersionString()`, and unloads it. When the library reports no
+/// readable version, falls back to the version in its file name (`libonnxruntime.so.1.31.1`).
+/// Errors when the file cannot be loaded or is not ONNX Runtime; the version is not checked (see
+/// [`check_ort_version`]).
+pub fn probe_ort_library(path: &Path) -> Result<String> {
+    probe(path).map_err(|e| ort_error(format!("{}: {e}", path.display())))
+}
+
+/// Checks that an ONNX Runtime version string is at least [`ORT_MIN_VERSION`] (same major).
+pub fn check_ort_version(version: &str) -> Result<()> {
+    check_version(version).map_err(ort_error)
+}
+
+fn probe(path: &Path) -> std::result::Result<String, String> {
+    if !path.is_file() {
+        return Err(if path.exists() {
+            "not a file"
+        } else {
+            "no such file"
+        }
+        .to_string());
+    }
+    // SAFETY: loading a shared library runs its initialisers; ONNX Runtime's are benign, and a
+    // file that is not a loadable library makes dlopen fail without running anything.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        let by_name = version_from_file_name(path)
+            .map(|v| format!(" (version {v} by its file name)"))
+            .unwrap_or_default();
+        format!("cannot load it as a shared library{by_name}: {e}")
+    })?;
+    // SAFETY: `OrtGetApiBase` has this signature in every ONNX Runtime release.
+    let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ::ort::sys::OrtApiBase> =
+        unsafe { lib.get(b"OrtGetApiBase\0") }.map_err(|_| {
+            "it does not export `OrtGetApiBase`: not an ONNX Runtime library".to_string()
+        })?;
+    // SAFETY: `OrtGetApiBase` takes nothing, and returns a pointer to a static struct (or null).
+    let base = unsafe { get_base() };
+    let reported = if base.is_null() {
+        None
+    } else {
+        // SAFETY: a non-null base points to a valid `OrtApiBase`, whose `GetVersionString` returns
+        // a static NUL-terminated string (or null).
+        let s = unsafe { ((*base).GetVersionString)() };
+        if s.is_null() {
+            None
+        } else {
+            unsafe { CStr::from_ptr(s) }
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        }
+    };
+    drop(lib);
+    reported
+        .filter(|v| parse_version(v).is_some())
+        .or_else(|| version_from_file_name(path))
+        .ok_or_else(|| "it reports no readable version, nor does its file name".to_string())
+}
+
+fn check_version(version: &str) -> std::result::Result<(), String> {
+    let (min_major, min_minor) = ORT_MIN_VERSION;
+    match parse_version(version) {
+        Some((major, minor, _)) if major == min_major && minor >= min_minor => Ok(()),
+        Some(_) => Err(format!(
+            "ONNX Runtime {version} is not supported: famc needs {min_major}.{min_minor} or newer \
+             (within {min_major}.x)"
+        )),
+        None => Err(format!("unreadable ONNX Runtime version `{version}`")),
+    }
+}
+
+/// Parses `major.minor[.patch][suffix]`.
+fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    let patch = parts
+        .next()
+        .map(|p| {
+            let digits: String = p.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().unwrap_or(0)
+        })
+        .unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// The version in a library file name: `libonnxruntime.so.1.31.1` → `1.31.1`,
+/// `libonnxruntime.1.31.1.dylib` → `1.31.1`.
+fn version_from_file_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.split_once("onnxruntime")?.1;
+    let start = rest.find(|c: char| c.is_ascii_digit())?;
+    let v: String = rest[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let v = v.trim_end_matches('.').to_string();
+    parse_version(&v).map(|_| v)
+}
+
+/// `libonnxruntime.so*` files in `dir` (not the provider libraries), the highest version first.
+fn library_files_in(dir: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{}onnxruntime", std::env::consts::DLL_PREFIX);
+    let suffix = std::env::consts::DLL_SUFFIX;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                return false;
+            };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                return false;
+            };
+            (rest.starts_with('.') || rest.is_empty()) && name.contains(suffix) && p.is_file()
+        })
+        .collect();
+    found.sort_by_key(|p| {
+        std::cmp::Reverse((
+            version_from_file_name(p).and_then(|v| parse_version(&v)),
+            p.clone(),
+        ))
+    });
+    found
+}
+
+/// Candidate libraries from the Python `onnxruntime` package, each with the Python that told.
+fn python_candidates(searched: &mut Vec<String>) -> Vec<(PathBuf, Option<String>)> {
+    let mut pythons: Vec<PathBuf> = Vec::new();
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
+        pythons.push(Path::new(&venv).join("bin").join("python"));
+    }
+    pythons.push(PathBuf::from(".venv/bin/python"));
+    pythons.push(PathBuf::from("python3"));
+    let mut out: Vec<(PathBuf, Option<String>)> = Vec::new();
+    let mut package_dirs: Vec<PathBuf> = Vec::new();
+    for py in pythons {
+        let explicit = py.components().count() > 1;
+        if explicit && !py.is_file() {
+            continue;
+        }
+        searched.push(format!("the onnxruntime package of {}", py.display()));
+        let Some(dir) = python_package_dir(&py) else {
+            continue;
+        };
+        if package_dirs.contains(&dir) {
+            continue;
+        }
+        package_dirs.push(dir.clone());
+        for lib in library_files_in(&dir.join("capi")) {
+            out.push((lib, Some(py.display().to_string())));
+        }
+    }
+    out
+}
+
+/// Asks `python` where the `onnxruntime` package lies, without importing it.
+fn python_package_dir(python: &Path) -> Option<PathBuf> {
+    const SCRIPT: &str = "import importlib.util as u\n\
+s = u.find_spec('onnxruntime')\n\
+print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')";
+    let out = Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    let dir = PathBuf::from(text.trim());
+    (!text.trim().is_empty() && dir.is_dir()).then_some(dir)
+}
+
+/// Candidate libraries in `LD_LIBRARY_PATH` and the usual system directories.
+fn system_candidates(searched: &mut Vec<String>) -> Vec<(PathBuf, Option<String>)> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(ld) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&ld).filter(|p| !p.as_os_str().is_empty()));
+    }
+    for d in [
+        "/usr/local/lib",
+        "/usr/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    let mut out = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        if seen.contains(&d) {
+            continue;
+        }
+        seen.push(d.clone());
+        searched.push(d.display().to_string());
+        out.extend(library_files_in(&d).into_iter().map(|p| (p, None)));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide initialisation
+// ---------------------------------------------------------------------------------------------
+
+struct OrtProcess {
+    env: Environment,
+    library: OrtLibrary,
+}
+
+static ORT_PROCESS: OnceLock<OrtProcess> = OnceLock::new();
+static ORT_INIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Finds, checks and loads ONNX Runtime, and creates `ort`'s environment: once per process (later
+/// calls return the same library). A failure leaves nothing initialised, so a later call may try
+/// again (after, say, installing the library).
+pub fn init_ort() -> Result<&'static OrtLibrary> {
+    Ok(&ort_process()?.library)
+}
+
+/// The library `ort` was initialised from, if it was.
+pub fn initialised_ort_library() -> Option<&'static OrtLibrary> {
+    ORT_PROCESS.get().map(|p| &p.library)
+}
+
+fn ort_process() -> Result<&'static OrtProcess> {
+    if let Some(p) = ORT_PROCESS.get() {
+        return Ok(p);
+    }
+    let _guard = ORT_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = ORT_PROCESS.get() {
+        return Ok(p);
+    }
+    let library = find_ort_library()?;
+    let builder = ::ort::init_from(&library.path).map_err(|e| {
+        ort_error(format!(
+            "cannot initialise ONNX Runtime from {} ({}): {e}.\nTo fix: {FIX_HINT}",
+            library.path.display(),
+            library.found_via
+        ))
+    })?;
+    let env = builder
+        .with_name("famc")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| {
+            ort_error(format!(
+                "cannot create the ONNX Runtime environment ({library}): {e}"
+            ))
+        })?;
+    Ok(ORT_PROCESS.get_or_init(|| OrtProcess { env, library }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+// ---------------------------------------------------------------------------------------------
+
+/// A graph loaded by ONNX Runtime.
+pub struct OrtRunner {
+    path: PathBuf,
+    session: Session,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
+    input_specs: Vec<IoSpec>,
+}
+
+impl fmt::Debug for OrtRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrtRunner")
+            .field("path", &self.path)
+            .field("inputs", &self.input_specs)
+            .field("outputs", &self.output_names)
+            .finish()
+    }
+}
+
+impl OrtRunner {
+    /// Initialises ONNX Runtime if needed ([`init_ort`]) and loads the graph at `path` (from the
+    /// file, so its external data beside it is found).
+    pub fn open(path: &Path, opts: &RunOptions) -> Result<Self> {
+        let process = ort_process()?;
+        let err =
+            |what: &str, e: &dyn fmt::Display| backend_error(KIND, path, format!("{what}: {e}"));
+        let mut builder: SessionBuilder =
+            Session::builder(&process.env).map_err(|e| err("cannot create a session", &e))?;
+        if let Some(n) = opts.intra_threads {
+            builder = builder
+                .with_intra_threads(n)
+                .map_err(|e| err("cannot set intra-op threads", &e))?;
+        }
+        if let Some(n) = opts.inter_threads {
+            builder = builder
+                .with_inter_threads(n)
+                .map_err(|e| err("cannot set inter-op threads", &e))?;
+            if n > 1 {
+                builder = builder
+                    .with_parallel_execution(true)
+                    .map_err(|e| err("cannot enable parallel execution", &e))?;
+            }
+        }
+        if let Some(level) = opts.ort_optimization {
+            let level = match level {
+                OrtOptLevel::Disable => GraphOptimizationLevel::Disable,
+                OrtOptLevel::Basic => GraphOptimizationLevel::Level1,
+                OrtOptLevel::Extended => GraphOptimizationLevel::Level2,
+                OrtOptLevel::All => GraphOptimizationLevel::All,
+            };
+            builder = builder
+                .with_optimization_level(level)
+                .map_err(|e| err("cannot set the optimisation level", &e))?;
+        }
+        let session = builder.commit_from_file(path).map_err(|e| {
+            err(
+                &format!(
+                    "ONNX Runtime {} cannot load the graph",
+                    process.library.version
+                ),
+                &e,
+            )
+        })?;
+        let input_specs: Vec<IoSpec> = session
+            .inputs()
+            .iter()
+            .map(|o| io_spec(o.name(), o.dtype()))
+            .collect();
+        let input_names = input_specs.iter().map(|s| s.name.clone()).collect();
+        let output_names = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        Ok(OrtRunner {
+            path: path.to_path_buf(),
+            session,
+            input_names,
+            output_names,
+            input_specs,
+        })
+    }
+}
+
+impl GraphRunner for OrtRunner {
+    fn input_names(&self) -> &[String] {
+        &self.input_names
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    fn input_specs(&self) -> &[IoSpec] {
+        &self.input_specs
+    }
+
+    fn backend(&self) -> BackendKind {
+        KIND
+    }
+
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
+        check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
+        let path = &self.path;
+        let values: Vec<SessionInputValue<'static>> = inputs
+            .into_iter()
+            .zip(&self.input_names)
+            .map(|(t, name)| {
+                let v = match t {
+                    Tensor::F32(a) => ::ort::value::Tensor::from_array(a).map(|t| t.into_dyn()),
+                    Tensor::I64(a) => ::ort::value::Tensor::from_array(a).map(|t| t.into_dyn()),
+                };
+                v.map(SessionInputValue::from)
+                    .map_err(|e| backend_error(KIND, path, format!("input `{name}`: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let outputs = self
+            .session
+            .run(&values[..])
+            .map_err(|e| backend_error(KIND, path, format!("run failed: {e}")))?;
+        self.output_names
+            .iter()
+            .map(|name| {
+                let value = outputs.get(name.as_str()).ok_or_else(|| {
+                    backend_error(KIND, path, format!("output `{name}` missing from the run"))
+                })?;
+                let array = value.try_extract_array::<f32>().map_err(|e| {
+                    backend_error(
+                        KIND,
+                        path,
+                        format!(
+                            "output `{name}` ({}) is not a float32 tensor: {e}",
+                            value.dtype()
+                        ),
+                    )
+                })?;
+                Ok(array.to_owned())
+            })
+            .collect()
+    }
+}
+
+fn io_spec(name: &str, ty: &ValueType) -> IoSpec {
+    match ty {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => IoSpec {
+            name: name.to_string(),
+            elem_type: match ty {
+                TensorElementType::Float32 => ElemType::F32,
+                TensorElementType::Int64 => ElemType::I64,
+                other => ElemType::Other(other.to_string()),
+            },
+            shape: Some(
+                shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d >= 0 {
+                            Dim::Fixed(d as usize)
+                        } else {
+                            match dimension_symbols.get(i) {
+                                Some(s) if !s.is_empty() => Dim::Named(s.clone()),
+                                _ => Dim::Any,
+                            }
+                        }
+                    })
+                    .collect(),
+            ),
+        },
+        other => IoSpec {
+            name: name.to_string(),
+            elem_type: ElemType::Other(other.to_string()),
+            shape: None,
+        },
+    }
+}

@@ -1,0 +1,194 @@
+//! The `famc` binary: the main job end to end, and clear errors with a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn famc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_famc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+}
+
+fn read_npy(p: &Path) -> ndarray::Array2<f32> {
+    use ndarray_npy::ReadNpyExt;
+    ndarray::Array2::<f32>::read_npy(std::fs::File::open(p).unwrap()).unwrap()
+}
+
+#[test]
+fn run_reference_matches_hugging_face() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.npy");
+    let dir = hf_tiny_dir();
+    let o = famc(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--backend",
+        "reference",
+        "--block-len",
+        "16",
+        "--fam-len",
+        "0",
+        "--mem-blocks",
+        "7",
+        "--tokens",
+        dir.join("ids.txt").to_str().unwrap(),
+        "--logits-out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ours = read_npy(&out);
+    let hf = hf_tiny_logits();
+    assert_eq!(ours.dim(), hf.dim());
+    let diff = ours
+        .iter()
+        .zip(hf.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    // no temporary file left beside the output
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+}
+
+#[test]
+fn bad_inputs_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = hf_tiny_dir();
+    let d = dir.to_str().unwrap();
+    let out = tmp.path().join("o.npy");
+    let o_s = out.to_str().unwrap();
+    let ids = tmp.path().join("ids.txt");
+    let ids_s = ids.to_str().unwrap();
+
+    std::fs::write(&ids, "  \n").unwrap();
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            d,
+            "--tokens",
+            ids_s,
+            "--logits-out",
+            o_s,
+            "--fam-len",
+            "0",
+        ]),
+        "no token ids",
+    );
+
+    std::fs::write(&ids, "1 2 3 256 4").unwrap();
+    assert_clean_failure(
+        &famc(&["run", d, "--tokens", ids_s, "--logits-out", o_s]),
+        "token 3: id 256 is out of range (vocab_size 256)",
+    );
+
+    std::fs::write(&ids, "1 2 x").unwrap();
+    assert_clean_failure(
+        &famc(&["run", d, "--tokens", ids_s, "--logits-out", o_s]),
+        "token 2: `x`",
+    );
+
+    std::fs::write(&ids, "1 2 3").unwrap();
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            d,
+            "--tokens",
+            ids_s,
+            "--logits-out",
+            o_s,
+            "--block-len",
+            "0",
+        ]),
+        "block length L must be at least 1",
+    );
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            d,
+            "--tokens",
+            "/nonexistent/ids.txt",
+            "--logits-out",
+            o_s,
+        ]),
+        "/nonexistent/ids.txt",
+    );
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            "/nonexistent/ckpt",
+            "--tokens",
+            ids_s,
+            "--logits-out",
+            o_s,
+        ]),
+        "/nonexistent/ckpt",
+    );
+    // an output that cannot be written: its directory does not exist, or it is a directory
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            d,
+            "--tokens",
+            ids_s,
+            "--logits-out",
+            "/nonexistent/dir/o.npy",
+        ]),
+        "cannot write /nonexistent/dir/o.npy",
+    );
+    assert_clean_failure(
+        &famc(&[
+            "run",
+            d,
+            "--tokens",
+            ids_s,
+            "--logits-out",
+            tmp.path().to_str().unwrap(),
+        ]),
+        "is a directory",
+    );
+    assert!(!out.exists());
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("ids.txt")]);
+}
+
+#[test]
+fn an_existing_output_survives_a_failed_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.npy");
+    std::fs::write(&out, b"precious").unwrap();
+    let ids = tmp.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 999").unwrap();
+    let d = hf_tiny_dir();
+    let o = famc(&[
+        "run",
+        d.to_str().unwrap(),
+        "--tokens",
+        ids.to_str().unwrap(),
+        "--logits-out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "999");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+}
