@@ -6,5 +6,5 @@ bash scripts/setup-python.sh
 ORT_DYLIB_PATH="$(.venv/bin/python -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')"
 export ORT_DYLIB_PATH
 export FAMC_PYTHON="$PWD/.venv/bin/python"
-export FAMC_REQUIRE_PYTHON=1
+export FAMC_REQUIRE_PYTHON=1 FAMC_REQUIRE_ORT=1
 cargo test --all-targets -- --test-threads=2

@@ -246,3 +246,86 @@ impl fmt::Display for Report {
         Ok(())
     }
 }
+
+fn attr_text(a: &onnx::AttributeProto) -> String {
+    use onnx::attribute_proto::AttributeType as A;
+    let v = match A::try_from(a.r#type).unwrap_or(A::Undefined) {
+        A::Int => a.i.to_string(),
+        A::Float => format!("{:?}", a.f),
+        A::String => format!("{:?}", String::from_utf8_lossy(&a.s)),
+        A::Ints => format!("{:?}", a.ints),
+        A::Floats => format!("{:?}", a.floats),
+        A::Tensor => {
+            a.t.as_ref()
+                .map_or("tensor".into(), |t| format!("tensor{:?}", t.dims))
+        }
+        other => format!("{other:?}"),
+    };
+    format!("{}={v}", a.name)
+}
+
+/// A readable, deterministic text dump of a graph: inputs, outputs, initializers and every node.
+pub fn dump_graph(path: &Path) -> Result<String> {
+    use prost::Message;
+    use std::fmt::Write;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let m = onnx::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| Error::Input(format!("{}: not an ONNX model: {e}", path.display())))?;
+    let g = m.graph.unwrap_or_default();
+    let mut s = String::new();
+    let opsets: Vec<String> = m
+        .opset_import
+        .iter()
+        .map(|o| format!("{}:{}", o.domain, o.version))
+        .collect();
+    writeln!(
+        s,
+        "graph {} ir_version={} opsets=[{}]",
+        g.name,
+        m.ir_version,
+        opsets.join(", ")
+    )
+    .ok();
+    for (label, list) in [("input", &g.input), ("output", &g.output)] {
+        for v in list {
+            let io = io_info(v);
+            writeln!(
+                s,
+                "{label} {} {}[{}]",
+                io.name,
+                io.dtype,
+                io.shape.join(", ")
+            )
+            .ok();
+        }
+    }
+    for t in &g.initializer {
+        let dtype = DType::from_onnx(t.data_type).map_or_else(
+            || t.data_type.to_string(),
+            |d| format!("{d:?}").to_lowercase(),
+        );
+        let place = if t.external_data.is_empty() {
+            ""
+        } else {
+            " external"
+        };
+        writeln!(s, "init {} {dtype}{:?}{place}", t.name, t.dims).ok();
+    }
+    for n in &g.node {
+        let attrs: Vec<String> = n.attribute.iter().map(attr_text).collect();
+        let attrs = if attrs.is_empty() {
+            String::new()
+        } else {
+            format!("[{}]", attrs.join(", "))
+        };
+        writeln!(
+            s,
+            "{} = {}{attrs}({})",
+            n.output.join(", "),
+            n.op_type,
+            n.input.join(", ")
+        )
+        .ok();
+    }
+    Ok(s)
+}

@@ -70,7 +70,20 @@ pub fn write_atomic(
         buf.flush().map_err(|e| werr(e.to_string()))?;
     }
     tmp.as_file().sync_all().map_err(|e| werr(e.to_string()))?;
+    set_shareable(tmp.as_file()).map_err(|e| werr(e.to_string()))?;
     tmp.persist(path).map_err(|e| werr(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Temporary files are created private (0600); a finished output gets the usual 0644.
+pub(crate) fn set_shareable(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    #[cfg(not(unix))]
+    let _ = file;
     Ok(())
 }
 

@@ -53,6 +53,9 @@ struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Dump every node of a graph file (inputs, outputs, initializers, nodes) as text.
+    #[arg(long, conflicts_with = "json")]
+    nodes: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -183,6 +186,16 @@ fn export(args: ExportArgs) -> Result<()> {
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
+    if args.nodes {
+        if args.path.is_dir() {
+            bail!(
+                "--nodes dumps one graph: pass an .onnx file, not {}",
+                args.path.display()
+            );
+        }
+        print!("{}", famc::inspect::dump_graph(&args.path)?);
+        return Ok(());
+    }
     let report = famc::inspect::inspect(&args.path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

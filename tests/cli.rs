@@ -192,3 +192,164 @@ fn an_existing_output_survives_a_failed_run() {
     assert_clean_failure(&o, "999");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 }
+
+#[test]
+fn export_inspect_and_run_on_each_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = Spec {
+        fam_init_rows: Some(2),
+        ..Spec::default()
+    };
+    let ck = tmp.path().join("ckpt");
+    write_checkpoint(&ck, &spec);
+    let out = tmp.path().join("export");
+    let ids = tmp.path().join("ids.txt");
+    std::fs::write(
+        &ids,
+        Rng::new(3)
+            .tokens(14, 40)
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = famc(&[
+        "export",
+        &s(&ck),
+        "--block-len",
+        "4",
+        "--mem-blocks",
+        "1",
+        "--out",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["block.onnx", "init.onnx", "famc.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let o = famc(&["inspect", &s(&out)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("FAM: L = 4, F = 2, M = 1"),
+        "{text}"
+    );
+    assert!(text.contains("next_fam.0 f32 [batch, 2, 16]"), "{text}");
+
+    let reference = tmp.path().join("ref.npy");
+    let o = famc(&[
+        "run",
+        &s(&ck),
+        "--backend",
+        "reference",
+        "--block-len",
+        "4",
+        "--mem-blocks",
+        "1",
+        "--tokens",
+        &s(&ids),
+        "--logits-out",
+        &s(&reference),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = read_npy(&reference);
+    let mut backends = vec!["tract"];
+    if famc::runtime::ort::find_ort_library().is_ok() {
+        backends.push("ort");
+    }
+    for backend in backends {
+        let got_path = tmp.path().join(format!("{backend}.npy"));
+        let o = famc(&[
+            "run",
+            &s(&out),
+            "--backend",
+            backend,
+            "--tokens",
+            &s(&ids),
+            "--logits-out",
+            &s(&got_path),
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        let got = read_npy(&got_path);
+        let diff = got
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{backend}: {diff}");
+    }
+    // an export's FAM parameters are fixed
+    let o = famc(&[
+        "run",
+        &s(&out),
+        "--block-len",
+        "8",
+        "--tokens",
+        &s(&ids),
+        "--logits-out",
+        &s(&reference),
+    ]);
+    assert_clean_failure(&o, "--block-len 8 disagrees with the export's 4");
+    // a checkpoint with a learned prompt fixes F
+    let o = famc(&["export", &s(&ck), "--fam-len", "3", "--out", &s(&out)]);
+    assert_clean_failure(&o, "model.fam_init` has 2 rows");
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tmp.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3").unwrap();
+    let d = hf_tiny_dir();
+    let o = Command::new(env!("CARGO_BIN_EXE_famc"))
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .args([
+            "run",
+            d.to_str().unwrap(),
+            "--backend",
+            "ort",
+            "--fam-len",
+            "0",
+            "--tokens",
+            ids.to_str().unwrap(),
+        ])
+        .args(["--logits-out", tmp.path().join("o.npy").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "/nonexistent/libonnxruntime.so");
+    assert!(stderr(&o).contains("ORT_DYLIB_PATH"), "{}", stderr(&o));
+
+    // a file that is not ONNX Runtime
+    let fake = tmp.path().join("libonnxruntime.so.1.31.1");
+    std::fs::write(&fake, b"not a library").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_famc"))
+        .env("ORT_DYLIB_PATH", &fake)
+        .args([
+            "run",
+            d.to_str().unwrap(),
+            "--backend",
+            "ort",
+            "--fam-len",
+            "0",
+            "--tokens",
+            ids.to_str().unwrap(),
+        ])
+        .args(["--logits-out", tmp.path().join("o.npy").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "libonnxruntime.so.1.31.1");
+}
+
+#[test]
+fn inspect_rejects_what_is_not_a_graph() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = famc(&["inspect", tmp.path().to_str().unwrap()]);
+    assert_clean_failure(&o, "not a famc export");
+    let f = tmp.path().join("x.onnx");
+    std::fs::write(&f, b"\xff\xff garbage").unwrap();
+    assert_clean_failure(
+        &famc(&["inspect", f.to_str().unwrap()]),
+        "not an ONNX model",
+    );
+}

@@ -106,12 +106,14 @@ pub fn save_model(
         });
     }
     if let Some(tmp) = data_tmp {
+        crate::io::set_shareable(tmp.as_file()).map_err(io_err(&data_path))?;
         tmp.persist(&data_path)
             .map_err(|e| io_err(&data_path)(e.error))?;
     }
     let mut tmp = NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
     tmp.write_all(&bytes).map_err(io_err(path))?;
     tmp.as_file().sync_all().map_err(io_err(path))?;
+    crate::io::set_shareable(tmp.as_file()).map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     // The renames are durable only once the directory entry is synced; some
     // platforms cannot open a directory for that, so this is best effort.

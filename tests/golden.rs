@@ -1,0 +1,99 @@
+//! Golden exports in graphs/: emission must not change them unintentionally (re-run
+//! graphs/regen.sh after an intended change), and they must still compute the reference's logits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use famc::builder::encode_model;
+use famc::export;
+use famc::model::{Checkpoint, FamParams};
+use famc::runtime::{BackendKind, RunOptions};
+use famc::session::FamModel;
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("graphs")
+        .join(name)
+}
+
+const HINT: &str = "emission changed; if intended, run graphs/regen.sh and review the .txt diffs";
+
+fn check_golden(name: &str, p: FamParams) {
+    let dir = case_dir(name);
+    let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
+    let compiled = export::compile(&ck, p).unwrap();
+    assert!(
+        encode_model(&compiled.block) == std::fs::read(dir.join("block.onnx")).unwrap(),
+        "{name}/block.onnx: {HINT}"
+    );
+    if let Some(init) = &compiled.init {
+        assert!(
+            encode_model(init) == std::fs::read(dir.join("init.onnx")).unwrap(),
+            "{name}/init.onnx: {HINT}"
+        );
+    }
+    let manifest = export::Manifest::read(&dir).unwrap();
+    assert_eq!(manifest, compiled.manifest, "{name}/famc.json: {HINT}");
+    for g in ["block", "init"] {
+        let onnx = dir.join(format!("{g}.onnx"));
+        if onnx.exists() {
+            let dump = famc::inspect::dump_graph(&onnx).unwrap();
+            assert_eq!(
+                dump,
+                std::fs::read_to_string(dir.join(format!("{g}.txt"))).unwrap(),
+                "{name}/{g}.txt: {HINT}"
+            );
+        }
+    }
+
+    // the golden graphs reproduce the io fixture, which the reference wrote
+    let ids: Vec<u32> = std::fs::read_to_string(dir.join("ids.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    let want = famc::io::read_npy_f32(&dir.join("logits.npy")).unwrap();
+    let mut kinds = vec![BackendKind::Tract];
+    if famc::runtime::ort::find_ort_library().is_ok() {
+        kinds.push(BackendKind::Ort);
+    }
+    for kind in kinds {
+        let got = FamModel::open(&dir, kind, &RunOptions::default())
+            .unwrap()
+            .run(&ids)
+            .unwrap();
+        assert_eq!(got.shape(), want.shape());
+        let diff = got
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{name} on {kind:?}: {diff}");
+    }
+}
+
+#[test]
+fn tiny_fam_golden() {
+    check_golden(
+        "tiny-fam",
+        FamParams {
+            block_len: 16,
+            fam_len: 4,
+            mem_blocks: 2,
+        },
+    );
+}
+
+#[test]
+fn tiny_bswa_golden() {
+    check_golden(
+        "tiny-bswa",
+        FamParams {
+            block_len: 16,
+            fam_len: 0,
+            mem_blocks: 1,
+        },
+    );
+}

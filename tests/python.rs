@@ -1,0 +1,203 @@
+//! Python's onnx and onnxruntime on famc's exports: onnx.checker with full_check, strict shape
+//! inference, famc's graph rules, and a driver written from docs/graph-contract.md alone.
+//!
+//! Needs the .venv that scripts/setup-python.sh makes (FAMC_PYTHON); skipped when it is absent
+//! unless FAMC_REQUIRE_PYTHON is set, as CI does.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use famc::export::{self, ExportOptions};
+use famc::model::{Checkpoint, FamParams};
+use famc::reference::Reference;
+use famc::runtime::{BackendKind, RunOptions};
+use famc::session::FamModel;
+
+fn python() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("FAMC_PYTHON").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")),
+    ];
+    for p in candidates.into_iter().flatten() {
+        let ok = Command::new(&p)
+            .args(["-c", "import onnx, onnxruntime, numpy"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(p);
+        }
+    }
+    assert!(
+        std::env::var_os("FAMC_REQUIRE_PYTHON").is_none(),
+        "FAMC_REQUIRE_PYTHON is set but no Python with onnx, onnxruntime and numpy was found"
+    );
+    eprintln!("skipping: no Python with onnx, onnxruntime and numpy (run scripts/setup-python.sh)");
+    None
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("export")
+        .join(name)
+}
+
+fn run_python(py: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let o = Command::new(py).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "python {args:?} failed:\n{text}");
+    text
+}
+
+struct Case {
+    spec: Spec,
+    fam: FamParams,
+    external_threshold: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let p = |l, f, m| FamParams {
+        block_len: l,
+        fam_len: f,
+        mem_blocks: m,
+    };
+    vec![
+        Case {
+            spec: Spec {
+                fam_init_rows: Some(3),
+                ..Spec::default()
+            },
+            fam: p(4, 3, 2),
+            external_threshold: 1 << 20,
+        },
+        Case {
+            spec: Spec {
+                kv_heads: 1,
+                qkv_bias: true,
+                ..Spec::default()
+            },
+            fam: p(5, 2, 0),
+            external_threshold: 1 << 20,
+        },
+        Case {
+            spec: Spec {
+                tie: true,
+                ..Spec::default()
+            },
+            fam: p(3, 0, 1),
+            external_threshold: 1 << 20,
+        },
+        Case {
+            spec: Spec::default(),
+            fam: p(4, 0, 0),
+            external_threshold: 1 << 20,
+        },
+        Case {
+            spec: Spec {
+                fam_init_rows: Some(2),
+                ..Spec::default()
+            },
+            fam: p(4, 2, 1),
+            external_threshold: 256,
+        },
+    ]
+}
+
+#[test]
+fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
+    let Some(py) = python() else { return };
+    for (i, case) in cases().into_iter().enumerate() {
+        let (tmp, dir, _) = temp_checkpoint(&case.spec);
+        let ck = Checkpoint::load(&dir).unwrap();
+        let out = tmp.path().join("export");
+        let opts = ExportOptions {
+            external_threshold: case.external_threshold,
+        };
+        export::export(&ck, case.fam, &out, &opts).unwrap();
+        run_python(
+            &py,
+            &[script("check_graphs.py").as_os_str(), out.as_os_str()],
+        );
+
+        let ids = Rng::new(i as u64).tokens(case.fam.block_len * 6 + 1, case.spec.vocab as u32);
+        let ids_path = tmp.path().join("ids.txt");
+        std::fs::write(
+            &ids_path,
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .unwrap();
+        let py_out = tmp.path().join("py.npy");
+        run_python(
+            &py,
+            &[
+                script("run_contract.py").as_os_str(),
+                out.as_os_str(),
+                ids_path.as_os_str(),
+                py_out.as_os_str(),
+            ],
+        );
+        let from_python = famc::io::read_npy_f32(&py_out).unwrap();
+        let ours = FamModel::open(&out, BackendKind::Tract, &RunOptions::default())
+            .unwrap()
+            .run(&ids)
+            .unwrap();
+        let reference = Reference::new(&ck, case.fam)
+            .unwrap()
+            .forward(&ids)
+            .unwrap();
+        assert_eq!(from_python.shape(), ours.shape());
+        let d_ours = from_python
+            .iter()
+            .zip(ours.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let d_ref = from_python
+            .iter()
+            .zip(reference.iter())
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            d_ours < 1e-4 && d_ref < 1e-4,
+            "case {i}: python vs famc {d_ours}, vs reference {d_ref}"
+        );
+    }
+}
+
+#[test]
+fn golden_graphs_pass_the_checker() {
+    let Some(py) = python() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs");
+    for case in ["tiny-fam", "tiny-bswa"] {
+        run_python(
+            &py,
+            &[
+                script("check_graphs.py").as_os_str(),
+                root.join(case).as_os_str(),
+            ],
+        );
+    }
+}
+
+#[test]
+fn the_checker_rejects_a_broken_graph() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.onnx");
+    std::fs::write(&bad, b"not a model").unwrap();
+    let o = Command::new(&py)
+        .arg(script("check_graphs.py"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("FAILED"));
+}
