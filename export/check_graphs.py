@@ -17,9 +17,7 @@ def graphs_of(path):
     if os.path.isdir(path):
         with open(os.path.join(path, "famc.json")) as f:
             manifest = json.load(f)
-        files = [manifest["graphs"]["block"]]
-        if manifest["graphs"].get("init"):
-            files.append(manifest["graphs"]["init"])
+        files = [f for key in ("block", "init", "decode", "fam_kv") if (f := manifest["graphs"].get(key))]
         return [os.path.join(path, f) for f in files]
     return [path]
 

@@ -7,9 +7,12 @@
 //! - [`io`] reads token ids and writes results atomically.
 
 pub mod builder;
+pub mod doctor;
 pub mod emit;
 pub mod error;
+pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod inspect;
 pub mod io;
 pub mod model;
@@ -17,5 +20,7 @@ pub mod onnx;
 pub mod reference;
 pub mod runtime;
 pub mod session;
+pub mod snapshot;
+pub mod stream;
 
 pub use error::{Error, Result};

@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cli;
+
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use famc::model::{Checkpoint, FamDefaults};
 use famc::reference::Reference;
-use famc::runtime::{BackendKind, RunOptions};
+use famc::runtime::{BackendKind, OrtOptLevel, RunOptions};
 use famc::session::FamModel;
 
 #[derive(Parser)]
@@ -26,10 +28,19 @@ struct Cli {
 enum Command {
     /// Run a model over token ids block by block and write the logits as a float32 .npy [T, V].
     Run(RunArgs),
+    /// Stream input of any length through a model: mean negative log-likelihood and perplexity.
+    Score(ScoreCmd),
+    /// Generate tokens after a prompt, across block boundaries, with the decode graph.
+    Generate(GenerateCmd),
     /// Compile a checkpoint into ONNX graphs with explicit FAM state (docs/graph-contract.md).
     Export(ExportArgs),
     /// Show the inputs, outputs, ops, weights and FAM parameters of an export or an .onnx file.
     Inspect(InspectArgs),
+    /// Show which backends and execution providers are available, and how to fix what is not.
+    Doctor(DoctorArgs),
+    /// Evaluate a model on a task through famc's compiled graphs (docs/passkey.md).
+    #[command(subcommand)]
+    Eval(EvalCommand),
 }
 
 #[derive(Args)]
@@ -56,6 +67,89 @@ struct InspectArgs {
     /// Dump every node of a graph file (inputs, outputs, initializers, nodes) as text.
     #[arg(long, conflicts_with = "json")]
     nodes: bool,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// PassKey recall: a key in the first block, asked for N blocks later (teacher-forced argmax).
+    Passkey(PasskeyArgs),
+}
+
+#[derive(Args)]
+struct PasskeyArgs {
+    /// A checkpoint directory (compiled in memory) or an export directory (famc.json).
+    model: PathBuf,
+    /// Blocks between the key's block and the question's; a comma-separated list gives one
+    /// figure per distance.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    distance_blocks: Vec<usize>,
+    /// Samples per distance.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Seed of the sample generator (SplitMix64, as export/passkey.py draws them).
+    #[arg(long, default_value_t = 12345)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = Backend::Tract)]
+    backend: Backend,
+    /// Evaluate the same weights with F = 0: plain block sliding-window attention (checkpoints only).
+    #[arg(long)]
+    bswa: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// ONNX Runtime's graph optimisation level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OrtOpt {
+    /// No graph optimisation.
+    Disable,
+    /// Constant folding, redundant node removal.
+    Basic,
+    /// Basic plus node fusions.
+    Extended,
+    /// Everything, including layout optimisations (ONNX Runtime's default).
+    All,
+}
+
+/// How the graph backends run (tract and ONNX Runtime); shared by the subcommands that run graphs.
+#[derive(Args, Clone, Copy, Debug, Default)]
+struct RuntimeArgs {
+    /// Threads inside one operator: tract's thread pool (default 1) and ONNX Runtime's intra-op
+    /// pool (default: its own, one per physical core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// ONNX Runtime threads across operators (above 1 enables its parallel execution mode).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    inter_threads: Option<u32>,
+    /// ONNX Runtime's graph optimisation level (default: all).
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    ort_opt_level: Option<OrtOpt>,
+}
+
+impl RuntimeArgs {
+    fn to_run_options(&self) -> RunOptions {
+        RunOptions {
+            intra_threads: self.threads.map(|n| n as usize),
+            inter_threads: self.inter_threads.map(|n| n as usize),
+            ort_optimization: self.ort_opt_level.map(|l| match l {
+                OrtOpt::Disable => OrtOptLevel::Disable,
+                OrtOpt::Basic => OrtOptLevel::Basic,
+                OrtOpt::Extended => OrtOptLevel::Extended,
+                OrtOpt::All => OrtOptLevel::All,
+            }),
+            ..RunOptions::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -93,6 +187,50 @@ impl From<FamArgs> for FamDefaults {
 }
 
 #[derive(Args)]
+struct ScoreCmd {
+    #[command(flatten)]
+    score: cli::score::ScoreArgs,
+    #[arg(long, value_enum, default_value_t = Backend::Tract)]
+    backend: Backend,
+    #[command(flatten)]
+    fam: FamArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Args)]
+struct GenerateCmd {
+    #[command(flatten)]
+    generate: cli::generate::GenerateArgs,
+    #[arg(long, value_enum, default_value_t = Backend::Tract)]
+    backend: Backend,
+    #[command(flatten)]
+    fam: FamArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn compiled_backend(b: Backend, command: &str) -> Result<BackendKind> {
+    match b {
+        Backend::Tract => Ok(BackendKind::Tract),
+        Backend::Ort => Ok(BackendKind::Ort),
+        Backend::Reference => {
+            bail!("famc {command} runs compiled graphs: use --backend tract or ort")
+        }
+    }
+}
+
+fn generate(c: GenerateCmd) -> Result<()> {
+    let kind = compiled_backend(c.backend, "generate")?;
+    cli::generate::run(c.generate, c.fam.into(), kind, &c.runtime.to_run_options())
+}
+
+fn score(c: ScoreCmd) -> Result<()> {
+    let kind = compiled_backend(c.backend, "score")?;
+    cli::score::score(c.score, c.fam.into(), kind, &c.runtime.to_run_options())
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// An export directory (famc.json) or a checkpoint directory (compiled in memory).
     model: PathBuf,
@@ -106,6 +244,8 @@ struct RunArgs {
     /// Where to write the logits (float32 .npy, shape [T, V]).
     #[arg(long)]
     logits_out: PathBuf,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 fn note_zero_prompt(ck: &Checkpoint, fam: &famc::model::FamParams) {
@@ -140,13 +280,14 @@ fn run(args: RunArgs) -> Result<()> {
             } else {
                 BackendKind::Ort
             };
-            let mut model = if is_export {
-                FamModel::open_any(&args.model, args.fam.into(), kind, &RunOptions::default())?
+            let run_opts = args.runtime.to_run_options();
+            let model = if is_export {
+                FamModel::open_any(&args.model, args.fam.into(), kind, &run_opts)?
             } else {
                 let ck = Checkpoint::load(&args.model)?;
                 let fam = ck.fam_params(args.fam.into())?;
                 note_zero_prompt(&ck, &fam);
-                FamModel::compile(&ck, fam, kind, &RunOptions::default())?
+                FamModel::compile(&ck, fam, kind, &run_opts)?
             };
             let ids = famc::io::read_token_ids(&args.tokens, model.manifest().model.vocab_size)?;
             (model.run(&ids)?, model.fam_params())
@@ -205,12 +346,68 @@ fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+fn doctor(args: DoctorArgs) -> Result<()> {
+    let report = famc::doctor::doctor();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn eval(cmd: EvalCommand) -> Result<()> {
+    use famc::eval::{passkey, Engine};
+    let EvalCommand::Passkey(args) = cmd;
+    let opts = passkey::PasskeyOptions {
+        distances: args.distance_blocks,
+        samples: args.samples,
+        seed: args.seed,
+        bswa: args.bswa,
+        engine: match args.backend {
+            Backend::Tract => Engine::Graphs(BackendKind::Tract),
+            Backend::Ort => Engine::Graphs(BackendKind::Ort),
+            Backend::Reference => Engine::Reference,
+        },
+        run_options: args.runtime.to_run_options(),
+        ..passkey::PasskeyOptions::default()
+    };
+    let report = passkey::evaluate(&args.model, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let f = report.fam;
+    println!(
+        "passkey {} (L={}, F={}{}, M={}) on {}, seed {}, chance {:.4}",
+        args.model.display(),
+        f.block_len,
+        f.fam_len,
+        if args.bswa { ": BSWA" } else { "" },
+        f.mem_blocks,
+        report.engine,
+        report.seed,
+        report.chance
+    );
+    for r in &report.results {
+        println!(
+            "distance {:3} blocks ({:5} tokens): recall {:.4} ({}/{})",
+            r.distance_blocks, r.tokens, r.recall, r.correct, r.samples
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Score(c) => score(c),
+        Command::Generate(c) => generate(c),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
+        Command::Doctor(a) => doctor(a),
+        Command::Eval(c) => eval(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

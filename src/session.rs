@@ -1,6 +1,7 @@
 //! Drives an export's graphs block by block, looping the state between calls.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 
@@ -20,11 +21,16 @@ pub struct StreamState {
 }
 
 /// A FAM model loaded on a backend: its block graph and initial state.
+///
+/// The model is immutable once opened and may be shared across threads (`&FamModel` is `Sync`);
+/// each stream's state is a separate [`StreamState`] value.
 pub struct FamModel {
     manifest: Manifest,
     backend: BackendKind,
-    block: Box<dyn GraphRunner>,
+    block: Mutex<Box<dyn GraphRunner>>,
     initial: Vec<ArrayD<f32>>,
+    dir: std::path::PathBuf,
+    opts: RunOptions,
     _tempdir: Option<tempfile::TempDir>,
 }
 
@@ -125,8 +131,10 @@ impl FamModel {
         Ok(FamModel {
             manifest,
             backend,
-            block,
+            block: Mutex::new(block),
             initial,
+            dir: export.dir.clone(),
+            opts: opts.clone(),
             _tempdir: tempdir,
         })
     }
@@ -139,6 +147,17 @@ impl FamModel {
     /// The backend running the graphs.
     pub fn backend(&self) -> BackendKind {
         self.backend
+    }
+
+    /// The export directory the graphs were loaded from (a temporary one for a compiled
+    /// checkpoint, kept alive as long as the model).
+    pub fn export_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The options the graphs were opened with.
+    pub fn run_options(&self) -> &RunOptions {
+        &self.opts
     }
 
     /// The FAM parameters.
@@ -156,11 +175,7 @@ impl FamModel {
 
     /// Runs one block for each stream of a batch. All blocks hold the same number T of tokens,
     /// 1 ≤ T ≤ L. Streams whose block is full advance; returns each stream's logits [T, V].
-    pub fn step(
-        &mut self,
-        states: &mut [StreamState],
-        blocks: &[&[u32]],
-    ) -> Result<Vec<Array2<f32>>> {
+    pub fn step(&self, states: &mut [StreamState], blocks: &[&[u32]]) -> Result<Vec<Array2<f32>>> {
         let l_len = self.manifest.fam.block_len;
         let vocab = self.manifest.model.vocab_size;
         if states.len() != blocks.len() || states.is_empty() {
@@ -208,7 +223,12 @@ impl FamModel {
                 Error::Input(format!("state `{}`: {e}", self.manifest.state[i].input))
             })?));
         }
-        let mut outputs = self.block.run(inputs)?.into_iter();
+        let outputs = {
+            // a poisoned lock only means another stream's call panicked; the runner itself is intact
+            let mut runner = self.block.lock().unwrap_or_else(|e| e.into_inner());
+            runner.run(inputs)?
+        };
+        let mut outputs = outputs.into_iter();
         let logits = outputs
             .next()
             .ok_or_else(|| self.backend_error("no logits output"))?;
@@ -252,7 +272,7 @@ impl FamModel {
     }
 
     /// Runs a whole sequence as one stream from a new state; logits [len, V].
-    pub fn run(&mut self, ids: &[u32]) -> Result<Array2<f32>> {
+    pub fn run(&self, ids: &[u32]) -> Result<Array2<f32>> {
         let mut state = [self.new_state()];
         let mut rows = Vec::new();
         for block in ids.chunks(self.manifest.fam.block_len) {

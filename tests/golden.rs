@@ -24,19 +24,15 @@ fn check_golden(name: &str, p: FamParams) {
     let dir = case_dir(name);
     let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
     let compiled = export::compile(&ck, p).unwrap();
-    assert!(
-        encode_model(&compiled.block) == std::fs::read(dir.join("block.onnx")).unwrap(),
-        "{name}/block.onnx: {HINT}"
-    );
-    if let Some(init) = &compiled.init {
+    for (file, g) in compiled.graphs() {
         assert!(
-            encode_model(init) == std::fs::read(dir.join("init.onnx")).unwrap(),
-            "{name}/init.onnx: {HINT}"
+            encode_model(g) == std::fs::read(dir.join(file)).unwrap(),
+            "{name}/{file}: {HINT}"
         );
     }
     let manifest = export::Manifest::read(&dir).unwrap();
     assert_eq!(manifest, compiled.manifest, "{name}/famc.json: {HINT}");
-    for g in ["block", "init"] {
+    for g in ["block", "init", "decode", "fam_kv"] {
         let onnx = dir.join(format!("{g}.onnx"));
         if onnx.exists() {
             let dump = famc::inspect::dump_graph(&onnx).unwrap();

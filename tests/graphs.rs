@@ -46,7 +46,7 @@ fn check_case(spec: Spec, p: FamParams, len: usize) {
     let ids = Rng::new(spec.seed + 1).tokens(len, spec.vocab as u32);
     let want = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
     for backend in backends() {
-        let mut m = FamModel::compile(&ck, p, backend, &RunOptions::default()).unwrap();
+        let m = FamModel::compile(&ck, p, backend, &RunOptions::default()).unwrap();
         let got = m.run(&ids).unwrap().mapv(f64::from);
         assert_eq!(got.dim(), want.dim());
         let diff = max_abs_diff(got.iter(), want.iter());
@@ -155,7 +155,7 @@ fn batch_streams_at_different_blocks_match_each_alone() {
     let r = Reference::new(&ck, p).unwrap();
     let a = Rng::new(1).tokens(9, 40);
     let b = Rng::new(2).tokens(3, 40);
-    let mut m = FamModel::compile(&ck, p, BackendKind::Tract, &RunOptions::default()).unwrap();
+    let m = FamModel::compile(&ck, p, BackendKind::Tract, &RunOptions::default()).unwrap();
     let mut sa = m.new_state();
     for chunk in a[..6].chunks(3) {
         m.step(std::slice::from_mut(&mut sa), &[chunk]).unwrap();
@@ -187,7 +187,7 @@ fn graph_state_equals_reference_state() {
     let r = Reference::new(&ck, p).unwrap();
     let ids = Rng::new(3).tokens(6, 40);
     let mut rs = r.initial_state();
-    let mut m = FamModel::compile(&ck, p, BackendKind::Tract, &RunOptions::default()).unwrap();
+    let m = FamModel::compile(&ck, p, BackendKind::Tract, &RunOptions::default()).unwrap();
     let mut gs = [m.new_state()];
     for chunk in ids.chunks(3) {
         rs = r.step(&rs, chunk).unwrap().next.unwrap();

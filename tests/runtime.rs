@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use famc::runtime::ort::{
     check_ort_version, find_ort_library, find_ort_library_with, init_ort, probe_ort_library,
 };
+use famc::runtime::tract::{PlanKind, TractRunner};
 use famc::runtime::{open_graph, BackendKind, GraphRunner, OrtOptLevel, RunOptions, Tensor};
 use famc::Error;
 use ndarray::{ArrayD, IxDyn};
@@ -201,6 +202,181 @@ fn tract_graph_without_inputs() {
     check_case(r.as_mut(), "no_inputs");
 }
 
+/// tiny_mlp's runs have T = 3, 5, 1, 7: with `T = 3` fixed, the first run goes to the
+/// specialised plan and the others to the symbolic one, all matching numpy.
+#[test]
+fn tract_fixed_dims_dispatch_by_input_shape() {
+    let opts = RunOptions::default().with_fixed_dim("T", 3);
+    let mut r = TractRunner::open(&model("tiny_mlp"), &opts).unwrap();
+    assert_eq!(r.fixed_dims(), vec![("T".to_string(), 3)]);
+    assert_eq!(r.last_plan(), None);
+    let runs = load_runs("tiny_mlp");
+    for _ in 0..2 {
+        for (i, run) in runs.iter().enumerate() {
+            let inputs: Vec<Tensor> = run.inputs.iter().map(|(_, t)| t.clone()).collect();
+            let t = inputs[0].shape()[1];
+            let got = r.run(inputs).unwrap();
+            let want = if t == 3 {
+                PlanKind::Fixed
+            } else {
+                PlanKind::Symbolic
+            };
+            assert_eq!(r.last_plan(), Some(want), "run {i} (T = {t})");
+            for ((name, want), got) in run.outputs.iter().zip(&got) {
+                assert_close(&format!("fixed T=3, run {i} `{name}`"), got, want);
+            }
+        }
+    }
+    // Both symbols fixed: batch 2 and T 3 together, else symbolic.
+    let opts = opts.with_fixed_dim("batch", 2);
+    let mut r = TractRunner::open(&model("tiny_mlp"), &opts).unwrap();
+    assert_eq!(r.fixed_dims().len(), 2);
+    let mut run_once = |batch: usize, t: usize| {
+        let ids = Tensor::I64(ArrayD::zeros(IxDyn(&[batch, t])));
+        let x = Tensor::F32(ArrayD::from_elem(IxDyn(&[batch, t, 4]), 0.5));
+        r.run(vec![ids, x]).unwrap();
+        r.last_plan().unwrap()
+    };
+    assert_eq!(run_once(2, 3), PlanKind::Fixed);
+    assert_eq!(run_once(1, 3), PlanKind::Symbolic);
+    assert_eq!(run_once(2, 4), PlanKind::Symbolic);
+    assert_eq!(run_once(2, 3), PlanKind::Fixed);
+}
+
+#[test]
+fn tract_fixed_dims_absent_from_the_graph_are_ignored() {
+    let opts = RunOptions::default().with_fixed_dim("T", 16);
+    let mut r = TractRunner::open(&model("no_inputs"), &opts).unwrap();
+    assert!(r.fixed_dims().is_empty());
+    check_case(&mut r, "no_inputs");
+    assert_eq!(r.last_plan(), Some(PlanKind::Symbolic));
+    let r = TractRunner::open(
+        &model("ext_data"),
+        &RunOptions::default().with_fixed_dim("no_such_symbol", 2),
+    )
+    .unwrap();
+    assert!(r.fixed_dims().is_empty());
+    // and ONNX Runtime ignores them
+    if ort_available("tract_fixed_dims_absent_from_the_graph_are_ignored") {
+        let mut r = open_graph(BackendKind::Ort, &model("tiny_mlp"), &opts).unwrap();
+        check_case(r.as_mut(), "tiny_mlp");
+    }
+}
+
+#[test]
+fn tract_fixed_dim_of_zero_is_refused() {
+    let opts = RunOptions::default().with_fixed_dim("T", 0);
+    let err = TractRunner::open(&model("tiny_mlp"), &opts).unwrap_err();
+    assert!(err.to_string().contains("`T` = 0"), "{err}");
+}
+
+#[test]
+fn tract_multithreaded_matches_numpy() {
+    for threads in [1, 2, 3] {
+        let opts = RunOptions {
+            intra_threads: Some(threads),
+            ..RunOptions::default()
+        }
+        .with_fixed_dim("T", 5);
+        let mut r = TractRunner::open(&model("tiny_mlp"), &opts).unwrap();
+        assert_eq!(r.threads(), threads);
+        check_case(&mut r, "tiny_mlp");
+        let mut r = TractRunner::open(&model("ext_data"), &opts).unwrap();
+        check_case(&mut r, "ext_data");
+    }
+}
+
+/// The FAM block graph of the golden tiny-fam export (L = 16), planned for T = L and
+/// symbolically, on one and two threads: full blocks and a tail block give the same outputs
+/// on every runner, and each run goes to the plan its T calls for.
+#[test]
+fn tract_block_graph_fixed_t_matches_symbolic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/tiny-fam");
+    let manifest = famc::export::Manifest::read(&dir).unwrap();
+    let l = manifest.fam.block_len;
+    let vocab = manifest.model.vocab_size as i64;
+    let block = dir.join("block.onnx");
+    let mut runners: Vec<(String, TractRunner)> = Vec::new();
+    for threads in [1, 2] {
+        let base = RunOptions {
+            intra_threads: Some(threads),
+            ..RunOptions::default()
+        };
+        runners.push((
+            format!("symbolic, {threads} thread(s)"),
+            TractRunner::open(&block, &base).unwrap(),
+        ));
+        runners.push((
+            format!("T = {l}, {threads} thread(s)"),
+            TractRunner::open(&block, &base.clone().with_fixed_dim("T", l)).unwrap(),
+        ));
+    }
+    let specs = runners[0].1.input_specs().to_vec();
+    let batch = 2;
+    let inputs = |t: usize| -> Vec<Tensor> {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5
+        };
+        let mut v = vec![
+            Tensor::I64(ArrayD::from_shape_fn(IxDyn(&[batch, t]), |ix| {
+                ((ix[0] * 31 + ix[1] * 7) as i64) % vocab
+            })),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch]), vec![0, 3]).unwrap()),
+        ];
+        for spec in &specs[2..] {
+            let shape: Vec<usize> = spec
+                .shape
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|d| match d {
+                    famc::runtime::Dim::Fixed(n) => *n,
+                    _ => batch,
+                })
+                .collect();
+            v.push(Tensor::F32(ArrayD::from_shape_simple_fn(
+                IxDyn(&shape),
+                &mut next,
+            )));
+        }
+        v
+    };
+    for t in [l, 5, l, 1] {
+        let mut reference: Option<Vec<ArrayD<f32>>> = None;
+        for (what, r) in &mut runners {
+            let got = r.run(inputs(t)).unwrap();
+            let fixed = !r.fixed_dims().is_empty() && t == l;
+            assert_eq!(
+                r.last_plan(),
+                Some(if fixed {
+                    PlanKind::Fixed
+                } else {
+                    PlanKind::Symbolic
+                }),
+                "{what}, T = {t}"
+            );
+            match &reference {
+                None => reference = Some(got),
+                Some(want) => {
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                        assert_eq!(g.shape(), w.shape(), "{what}, T = {t}, output {i}");
+                        let worst = g
+                            .iter()
+                            .zip(w.iter())
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(worst <= 1e-4, "{what}, T = {t}, output {i}: {worst}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // ONNX Runtime
 // ------------------------------------------------------------------------------------------------
@@ -230,6 +406,7 @@ fn ort_external_data_and_options() {
             intra_threads: Some(1),
             inter_threads: Some(1),
             ort_optimization: Some(level),
+            ..RunOptions::default()
         };
         let mut r = open_graph(BackendKind::Ort, &model("ext_data"), &opts).unwrap();
         check_case(r.as_mut(), "ext_data");

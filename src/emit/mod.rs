@@ -37,6 +37,19 @@ pub mod names {
     pub fn init_fam(l: usize) -> String {
         format!("init_fam.{l}")
     }
+    pub const POSITION: &str = "position";
+    pub fn fam_k(l: usize) -> String {
+        format!("fam_k.{l}")
+    }
+    pub fn fam_v(l: usize) -> String {
+        format!("fam_v.{l}")
+    }
+    pub fn cache_k(l: usize) -> String {
+        format!("cache_k.{l}")
+    }
+    pub fn cache_v(l: usize) -> String {
+        format!("cache_v.{l}")
+    }
 }
 
 /// Symbolic dimension names.
@@ -159,43 +172,63 @@ impl<'a> Emitter<'a> {
         })
     }
 
+    /// RMSNorm and the q, k, v projections of rows [B, Q, d], RoPE applied by `rope`: q
+    /// [B, H, Q, Dh] (scaled by 1/√Dh, when `with_q`), k and v [B, Hkv, Q, Dh].
+    fn project(
+        &self,
+        b: &mut GraphBuilder,
+        lw: &LayerWeights,
+        rows: &Value,
+        rope: &Rope,
+        with_q: bool,
+    ) -> Result<(Option<Value>, Value, Value)> {
+        let cfg = self.cfg();
+        let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let w_in = weight_vec(b, "input_layernorm.weight", &lw.input_layernorm)?;
+        let x = self.rms_norm(b, rows, &w_in);
+        let a = &lw.attn;
+        let q = if with_q {
+            let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
+            let q = self.split_heads(b, &q, h);
+            let q = self.apply_rope(b, &q, rope);
+            let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
+            Some(b.mul(&q, &scale))
+        } else {
+            None
+        };
+        let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
+        let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
+        let k = self.split_heads(b, &k, hkv);
+        let v = self.split_heads(b, &v, hkv);
+        let k = self.apply_rope(b, &k, rope);
+        Ok((q, k, v))
+    }
+
     /// One decoder layer over rows [B, Q, d].
     ///
-    /// `memory`: keys/values [B, Hkv, M·L, Dh] prepended to the rows' own keys; `mask`: additive,
-    /// [B or 1, 1, G·Q, keys], the [Q, keys] pattern repeated for each of the G query heads that
-    /// share a key/value head; `residual`: what the attention output is added to.
-    /// Returns the layer output [B, Q, d] and the rows' post-RoPE keys and values [B, Hkv, Q, Dh].
-    #[allow(clippy::too_many_arguments)]
+    /// `keys` turns the rows' own post-RoPE keys and values [B, Hkv, Q, Dh] into the keys and
+    /// values attended to (memory, FAM and caches around them), plus any extra values the caller
+    /// wants back; `mask`: additive, [B or 1, 1, G·Q, keys], the [Q, keys] pattern repeated for
+    /// each of the G query heads that share a key/value head; `residual`: what the attention
+    /// output is added to. Returns the layer output [B, Q, d], the rows' keys and values, and the
+    /// extras.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn layer(
         &self,
         b: &mut GraphBuilder,
         lw: &LayerWeights,
         rows: &Value,
         rope: &Rope,
-        memory: Option<(&Value, &Value)>,
+        keys: impl FnOnce(&mut GraphBuilder, &Value, &Value) -> (Value, Value, Vec<Value>),
         mask: Option<&Value>,
         residual: &Value,
-    ) -> Result<(Value, Value, Value)> {
+    ) -> Result<(Value, Value, Value, Vec<Value>)> {
         let cfg = self.cfg();
         let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (attn_out, k, v) = b.scoped("attn", |b| -> Result<_> {
-            let w_in = weight_vec(b, "input_layernorm.weight", &lw.input_layernorm)?;
-            let x = self.rms_norm(b, rows, &w_in);
-            let a = &lw.attn;
-            let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
-            let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
-            let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
-            let q = self.split_heads(b, &q, h);
-            let k = self.split_heads(b, &k, hkv);
-            let v = self.split_heads(b, &v, hkv);
-            let q = self.apply_rope(b, &q, rope);
-            let k = self.apply_rope(b, &k, rope);
-            let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
-            let q = b.mul(&q, &scale);
-            let (keys, values) = match memory {
-                Some((mk, mv)) => (b.concat(&[mk, &k], 2), b.concat(&[mv, &v], 2)),
-                None => (k.clone(), v.clone()),
-            };
+        let (attn_out, k, v, extras) = b.scoped("attn", |b| -> Result<_> {
+            let (q, k, v) = self.project(b, lw, rows, rope, true)?;
+            let q = q.expect("asked for q");
+            let (keys, values, extras) = keys(b, &k, &v);
             // GQA without repeating keys: a key/value head's G query heads are one run of G·Q
             // rows, so every MatMul is rank 4.
             let qg = b.reshape(&q, &[0, hkv as i64, -1, dh as i64]); // [B, Hkv, G·Q, Dh]
@@ -210,8 +243,9 @@ impl<'a> Emitter<'a> {
             let o = b.reshape(&o, &[0, h as i64, -1, dh as i64]);
             let o = b.transpose(&o, &[0, 2, 1, 3]);
             let o = b.reshape(&o, &[0, 0, (h * dh) as i64]);
+            let a = &lw.attn;
             let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
-            Ok((o, k, v))
+            Ok((o, k, v, extras))
         })?;
         let a = b.add(&attn_out, residual);
         let out = b.scoped("mlp", |b| -> Result<Value> {
@@ -230,7 +264,28 @@ impl<'a> Emitter<'a> {
             let down = self.linear(b, &gu, "down_proj", &m.down_proj, None)?;
             Ok(b.add(&a, &down))
         })?;
-        Ok((out, k, v))
+        Ok((out, k, v, extras))
+    }
+
+    /// Logits [B, Q, V] of the last layer's rows.
+    fn head(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value> {
+        let w = self.spec.weights;
+        b.scoped("head", |b| -> Result<Value> {
+            let norm = weight_vec(b, "norm.weight", &w.norm)?;
+            let h = self.rms_norm(b, x, &norm);
+            self.linear(b, &h, "lm_head", w.output_weight(), None)
+        })
+    }
+
+    fn embed(&self, b: &mut GraphBuilder, ids: &Value) -> Result<Value> {
+        let w = self.spec.weights;
+        let (v, d) = w.embed_tokens.dim();
+        let data: Vec<f32> = w.embed_tokens.iter().copied().collect();
+        let embed = b.weight(
+            "embed_tokens.weight",
+            TensorData::from_f32(&data, &[v as i64, d as i64]),
+        )?;
+        Ok(b.gather(&embed, ids, 0))
     }
 }
 
@@ -351,11 +406,7 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         (rope, mask, first_factor)
     });
 
-    let embed = b.weight("embed_tokens.weight", {
-        let data: Vec<f32> = w.embed_tokens.iter().copied().collect();
-        TensorData::from_f32(&data, &[v_size as i64, d as i64])
-    })?;
-    let mut x = b.gather(&embed, &ids, 0); // [B, T, d]
+    let mut x = em.embed(&mut b, &ids)?; // [B, T, d]
     for (l, lw) in w.layers.iter().enumerate() {
         b.push_scope(&format!("layers.{l}"));
         let (fam, mem) = &state_in[l];
@@ -368,8 +419,19 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
             }
             _ => (x.clone(), x.clone()),
         };
-        let memory = mem.as_ref().map(|(k, v)| (k, v));
-        let (out, k, v) = em.layer(&mut b, lw, &rows, &rope, memory, Some(&mask), &residual)?;
+        let with_memory = |b: &mut GraphBuilder, k: &Value, v: &Value| match mem {
+            Some((mk, mv)) => (b.concat(&[mk, k], 2), b.concat(&[mv, v], 2), Vec::new()),
+            None => (k.clone(), v.clone(), Vec::new()),
+        };
+        let (out, k, v, _) = em.layer(
+            &mut b,
+            lw,
+            &rows,
+            &rope,
+            with_memory,
+            Some(&mask),
+            &residual,
+        )?;
         if fam.is_some() {
             let next_fam = b.slice(&out, &[0], &[f as i64], &[1], None);
             b.output_with_shape(
@@ -396,11 +458,7 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         }
         b.pop_scope();
     }
-    let logits = b.scoped("head", |b| -> Result<Value> {
-        let norm = weight_vec(b, "norm.weight", &w.norm)?;
-        let h = em.rms_norm(b, &x, &norm);
-        em.linear(b, &h, "lm_head", w.output_weight(), None)
-    })?;
+    let logits = em.head(&mut b, &x)?;
     b.output_with_shape(
         &logits,
         names::LOGITS,
@@ -446,9 +504,187 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
             break;
         }
         b.push_scope(&format!("layers.{l}"));
-        let (next, _, _) = em.layer(&mut b, lw, &cur, &rope, None, None, &cur)?;
+        let own = |_: &mut GraphBuilder, k: &Value, v: &Value| (k.clone(), v.clone(), Vec::new());
+        let (next, _, _, _) = em.layer(&mut b, lw, &cur, &rope, own, None, &cur)?;
         b.pop_scope();
         cur = next;
     }
     Ok(b.finish()?)
+}
+
+/// The FAM keys/values graph: from each layer's FAM state and the block index, the post-RoPE FAM
+/// keys and values [B, Hkv, F, Dh] that every token of the block attends to. The decode graph
+/// takes them as inputs, so they are computed once per block rather than once per token.
+pub fn fam_kv_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let p = spec.fam;
+    let (d, hkv, dh, f) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, p.fam_len);
+    let em = Emitter { spec };
+    let mut b = GraphBuilder::new("famc_fam_kv", DEFAULT_OPSET);
+    let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
+    let fams: Vec<Value> = (0..cfg.num_layers)
+        .map(|l| {
+            b.input(
+                &names::fam(l),
+                DType::F32,
+                vec![sym(BATCH), fixed(f), fixed(d)],
+            )
+        })
+        .collect();
+    let rope = b.scoped("fam", |b| {
+        let l_c = b.scalar_i64(p.block_len as i64);
+        let start = b.mul(&block_index, &l_c);
+        let start = b.unsqueeze(&start, &[1]); // [B, 1]
+        let offsets: Vec<i64> = (0..f as i64).map(|i| i - f as i64).collect();
+        let offsets = b.const_i64(&offsets, &[1, f as i64]);
+        let pos = b.add(&start, &offsets);
+        let pos = b.cast(&pos, DType::F32);
+        em.rope_tables(b, &pos)
+    });
+    let shape = vec![sym(BATCH), fixed(hkv), fixed(f), fixed(dh)];
+    for (l, lw) in spec.weights.layers.iter().enumerate() {
+        b.push_scope(&format!("layers.{l}.attn"));
+        let (_, k, v) = em.project(&mut b, lw, &fams[l], &rope, false)?;
+        b.pop_scope();
+        b.output_with_shape(&k, &names::fam_k(l), shape.clone());
+        b.output_with_shape(&v, &names::fam_v(l), shape.clone());
+    }
+    Ok(b.finish()?)
+}
+
+/// The decode graph: one token per stream at absolute position `position`, attending to the
+/// valid memory, the block's FAM keys/values and the in-block key/value cache.
+///
+/// Inputs: `input_ids` [B, 1], `position` [B], then per layer `fam_k.{l}`, `fam_v.{l}`
+/// [B, Hkv, F, Dh] (F > 0), `mem_k.{l}`, `mem_v.{l}` [B, Hkv, M·L, Dh] (M > 0), `cache_k.{l}`,
+/// `cache_v.{l}` [B, Hkv, L, Dh]. Outputs: `logits` [B, 1, V] and per layer `next_cache_k.{l}`,
+/// `next_cache_v.{l}`: the cache with slot `position mod L` holding this token's key and value.
+pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let p = spec.fam;
+    p.validate()?;
+    let (hkv, dh, v_size) = (cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
+    let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
+    let em = Emitter { spec };
+    let mut b = GraphBuilder::new("famc_decode", DEFAULT_OPSET);
+    let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), fixed(1)]);
+    let position = b.input(names::POSITION, DType::I64, vec![sym(BATCH)]);
+    let kv_shape = |n: usize| vec![sym(BATCH), fixed(hkv), fixed(n), fixed(dh)];
+    struct LayerIn {
+        fam: Option<(Value, Value)>,
+        mem: Option<(Value, Value)>,
+        cache: (Value, Value),
+    }
+    let mut layer_in = Vec::new();
+    for l in 0..cfg.num_layers {
+        let fam = (f > 0).then(|| {
+            (
+                b.input(&names::fam_k(l), DType::F32, kv_shape(f)),
+                b.input(&names::fam_v(l), DType::F32, kv_shape(f)),
+            )
+        });
+        let mem = (ml > 0).then(|| {
+            (
+                b.input(&names::mem_k(l), DType::F32, kv_shape(ml)),
+                b.input(&names::mem_v(l), DType::F32, kv_shape(ml)),
+            )
+        });
+        let cache = (
+            b.input(&names::cache_k(l), DType::F32, kv_shape(l_len)),
+            b.input(&names::cache_v(l), DType::F32, kv_shape(l_len)),
+        );
+        layer_in.push(LayerIn { fam, mem, cache });
+    }
+
+    let (rope, slot_is_new, mask) = b.scoped("decode", |b| {
+        let l_c = b.scalar_i64(l_len as i64);
+        let tau = b.div(&position, &l_c); // [B]
+        let start = b.mul(&tau, &l_c);
+        let in_block = b.sub(&position, &start); // [B]
+        let pos = b.unsqueeze(&position, &[1]);
+        let pos = b.cast(&pos, DType::F32); // [B, 1]
+        let rope = em.rope_tables(b, &pos);
+        let slots: Vec<i64> = (0..l_len as i64).collect();
+        let slots = b.const_i64(&slots, &[1, l_len as i64]);
+        let i = b.unsqueeze(&in_block, &[1]); // [B, 1]
+        let slot_is_new = b.equal(&slots, &i); // [B, L]
+        let slot_is_new = b.unsqueeze(&slot_is_new, &[1, 3]); // [B, 1, L, 1]
+        let future = b.greater(&slots, &i);
+        let cache_vis = b.op("Not", &[&future], vec![], DType::Bool); // [B, L]
+        let open = b.scalar_f32(0.0);
+        let masked = b.scalar_f32(MASKED);
+        let mut parts = Vec::new();
+        if ml > 0 {
+            let ml_c = b.scalar_i64(ml as i64);
+            let valid = b.op("Min", &[&start, &ml_c], vec![], DType::I64);
+            let first_valid = b.sub(&ml_c, &valid);
+            let first_valid = b.unsqueeze(&first_valid, &[1]); // [B, 1]
+            let mslots: Vec<i64> = (0..ml as i64).collect();
+            let mslots = b.const_i64(&mslots, &[1, ml as i64]);
+            let mem_vis = b.op(
+                "GreaterOrEqual",
+                &[&mslots, &first_valid],
+                vec![],
+                DType::Bool,
+            );
+            parts.push(b.where_(&mem_vis, &open, &masked));
+        }
+        if f > 0 {
+            // every FAM key is visible: zeros, broadcast over the batch by the concat below
+            let batch = b.shape(&position);
+            let f_1 = b.vec_i64(&[f as i64]);
+            let full = b.concat(&[&batch, &f_1], 0);
+            parts.push(b.expand(&open, &full));
+        }
+        parts.push(b.where_(&cache_vis, &open, &masked));
+        let refs: Vec<&Value> = parts.iter().collect();
+        let m = b.concat(&refs, 1); // [B, N]
+        let mask = b.unsqueeze(&m, &[1, 2]); // [B, 1, 1, N]
+        (rope, slot_is_new, mask)
+    });
+
+    let mut x = em.embed(&mut b, &ids)?; // [B, 1, d]
+    for (l, lw) in spec.weights.layers.iter().enumerate() {
+        b.push_scope(&format!("layers.{l}"));
+        let li = &layer_in[l];
+        let assemble = |b: &mut GraphBuilder, k: &Value, v: &Value| {
+            let new_k = b.where_(&slot_is_new, k, &li.cache.0);
+            let new_v = b.where_(&slot_is_new, v, &li.cache.1);
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            if let Some((mk, mv)) = &li.mem {
+                ks.push(mk.clone());
+                vs.push(mv.clone());
+            }
+            if let Some((fk, fv)) = &li.fam {
+                ks.push(fk.clone());
+                vs.push(fv.clone());
+            }
+            ks.push(new_k.clone());
+            vs.push(new_v.clone());
+            let keys = b.concat(&ks.iter().collect::<Vec<_>>(), 2);
+            let values = b.concat(&vs.iter().collect::<Vec<_>>(), 2);
+            (keys, values, vec![new_k, new_v])
+        };
+        let (out, _, _, extras) = em.layer(&mut b, lw, &x, &rope, assemble, Some(&mask), &x)?;
+        b.pop_scope();
+        b.output_with_shape(
+            &extras[0],
+            &names::next(&names::cache_k(l)),
+            kv_shape(l_len),
+        );
+        b.output_with_shape(
+            &extras[1],
+            &names::next(&names::cache_v(l)),
+            kv_shape(l_len),
+        );
+        x = out;
+    }
+    let logits = em.head(&mut b, &x)?;
+    b.output_with_shape(
+        &logits,
+        names::LOGITS,
+        vec![sym(BATCH), fixed(1), fixed(v_size)],
+    );
+    reorder_outputs(b.finish()?)
 }

@@ -50,6 +50,12 @@ pub struct GraphFiles {
     pub block: String,
     /// The init graph (no inputs) giving the initial FAM state; absent when F = 0.
     pub init: Option<String>,
+    /// The decode graph: one token per stream against memory, FAM keys/values and a cache.
+    #[serde(default)]
+    pub decode: Option<String>,
+    /// The FAM keys/values graph: a block's FAM keys and values for the decode graph (F > 0).
+    #[serde(default)]
+    pub fam_kv: Option<String>,
 }
 
 /// The contents of `famc.json`.

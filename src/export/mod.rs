@@ -20,6 +20,10 @@ pub const DEFAULT_EXTERNAL_THRESHOLD: usize = 1 << 20;
 pub const BLOCK_FILE: &str = "block.onnx";
 /// Init graph file name.
 pub const INIT_FILE: &str = "init.onnx";
+/// Decode graph file name.
+pub const DECODE_FILE: &str = "decode.onnx";
+/// FAM keys/values graph file name.
+pub const FAM_KV_FILE: &str = "fam_kv.onnx";
 
 /// How to export.
 #[derive(Debug, Clone)]
@@ -41,6 +45,23 @@ pub struct Compiled {
     pub manifest: Manifest,
     pub block: onnx::ModelProto,
     pub init: Option<onnx::ModelProto>,
+    pub decode: onnx::ModelProto,
+    pub fam_kv: Option<onnx::ModelProto>,
+}
+
+impl Compiled {
+    /// Every graph with its file name, in a fixed order.
+    pub fn graphs(&self) -> Vec<(&'static str, &onnx::ModelProto)> {
+        let mut v = vec![(BLOCK_FILE, &self.block)];
+        if let Some(g) = &self.init {
+            v.push((INIT_FILE, g));
+        }
+        v.push((DECODE_FILE, &self.decode));
+        if let Some(g) = &self.fam_kv {
+            v.push((FAM_KV_FILE, g));
+        }
+        v
+    }
 }
 
 /// The state tensors of the block graph, in input order.
@@ -100,6 +121,8 @@ pub fn compile(ck: &Checkpoint, fam: FamParams) -> Result<Compiled> {
         graphs: GraphFiles {
             block: BLOCK_FILE.into(),
             init: (fam.fam_len > 0).then(|| INIT_FILE.into()),
+            decode: Some(DECODE_FILE.into()),
+            fam_kv: (fam.fam_len > 0).then(|| FAM_KV_FILE.into()),
         },
         state: state_tensors(ck, fam),
     };
@@ -114,14 +137,29 @@ pub fn compile(ck: &Checkpoint, fam: FamParams) -> Result<Compiled> {
     } else {
         None
     };
-    stamp(&mut block, &manifest);
-    if let Some(init) = init.as_mut() {
-        stamp(init, &manifest);
+    let mut decode = emit::decode_graph(&spec)?;
+    let mut fam_kv = if fam.fam_len > 0 {
+        Some(emit::fam_kv_graph(&spec)?)
+    } else {
+        None
+    };
+    for g in [
+        Some(&mut block),
+        init.as_mut(),
+        Some(&mut decode),
+        fam_kv.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        stamp(g, &manifest);
     }
     Ok(Compiled {
         manifest,
         block,
         init,
+        decode,
+        fam_kv,
     })
 }
 
@@ -153,21 +191,18 @@ pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<()
         path: dir.to_path_buf(),
         message: e.to_string(),
     })?;
-    save_model(
-        compiled.block.clone(),
-        &dir.join(BLOCK_FILE),
-        Some(opts.external_threshold),
-    )?;
-    if let Some(init) = &compiled.init {
-        save_model(
-            init.clone(),
-            &dir.join(INIT_FILE),
-            Some(opts.external_threshold),
-        )?;
-    } else {
-        let stale = dir.join(INIT_FILE);
-        if stale.exists() {
-            std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+    let graphs = compiled.graphs();
+    for (file, g) in &graphs {
+        save_model((*g).clone(), &dir.join(file), Some(opts.external_threshold))?;
+    }
+    // a re-export into the same directory must not leave graphs of another configuration behind
+    for file in [INIT_FILE, FAM_KV_FILE] {
+        if !graphs.iter().any(|(f, _)| *f == file) {
+            for stale in [dir.join(file), dir.join(format!("{file}.data"))] {
+                if stale.exists() {
+                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+                }
+            }
         }
     }
     compiled.manifest.write(dir)

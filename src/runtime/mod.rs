@@ -221,14 +221,31 @@ impl FromStr for OrtOptLevel {
 /// How to load and run a graph. `Default` leaves every choice to the backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunOptions {
-    /// Threads used inside one operator (ONNX Runtime's intra-op pool). tract runs single-threaded
-    /// in this build and ignores it.
+    /// Threads used inside one operator: ONNX Runtime's intra-op pool (unset: its default, one
+    /// per physical core); tract's rayon pool (unset or 1: single-threaded, tract's default).
     pub intra_threads: Option<usize>,
     /// Threads used across operators (ONNX Runtime only; enables its parallel execution mode
     /// when above 1).
     pub inter_threads: Option<usize>,
     /// ONNX Runtime's graph optimisation level (its default: all).
     pub ort_optimization: Option<OrtOptLevel>,
+    /// Symbolic dimensions to plan for at a fixed size as well, e.g. `("T", L)` for the block
+    /// graph (tract only; ONNX Runtime ignores it). tract then builds two plans, the symbolic one
+    /// and one with these symbols concretised, and runs each call whose input shapes give every
+    /// listed symbol its listed size on the latter (at the cost of optimising twice and holding
+    /// two plans). Symbols that no graph input names are ignored, so one `RunOptions` serves
+    /// graphs with and without them.
+    pub fixed_dims: Vec<(String, usize)>,
+}
+
+impl RunOptions {
+    /// These options with `name` also planned for at `size` (see [`RunOptions::fixed_dims`]).
+    pub fn with_fixed_dim(mut self, name: impl Into<String>, size: usize) -> Self {
+        let name = name.into();
+        self.fixed_dims.retain(|(n, _)| *n != name);
+        self.fixed_dims.push((name, size));
+        self
+    }
 }
 
 /// Loads the ONNX graph at `path` for `kind`; its external data (`<file>.data`) must lie beside it.

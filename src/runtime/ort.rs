@@ -2,7 +2,8 @@
 //! library is found at run time ([`find_ort_library`]), its version checked (at least
 //! [`ORT_MIN_VERSION`]) before `ort` touches it, and `ort` initialised from it once per process.
 //!
-//! State stays host-side: inputs are copied in from ndarrays and outputs copied out as f32.
+//! State stays host-side: inputs are handed to ONNX Runtime as borrowed views of the caller's
+//! arrays (no copy), and each output is copied out once, as f32.
 
 use std::ffi::{CStr, OsStr};
 use std::fmt;
@@ -13,8 +14,8 @@ use std::sync::{Mutex, OnceLock};
 use ::ort::environment::Environment;
 use ::ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ::ort::session::{Session, SessionInputValue};
-use ::ort::value::{TensorElementType, ValueType};
-use ndarray::ArrayD;
+use ::ort::value::{TensorElementType, TensorRef, ValueType};
+use ndarray::{ArrayD, IxDyn};
 
 use super::{
     backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, OrtOptLevel,
@@ -32,7 +33,8 @@ pub const ORT_MIN_VERSION: (u32, u32) = (1, 31);
 /// holding it).
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
-const FIX_HINT: &str =
+/// How to get a usable ONNX Runtime, as error messages (and `famc doctor`) say it.
+pub const FIX_HINT: &str =
     "install ONNX Runtime 1.31 (`pip install onnxruntime==1.31.1`, in the active \
 virtualenv or ./.venv) or set ORT_DYLIB_PATH to its libonnxruntime shared library \
 (…/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1)";
@@ -429,6 +431,63 @@ fn ort_process() -> Result<&'static OrtProcess> {
     Ok(ORT_PROCESS.get_or_init(|| OrtProcess { env, library }))
 }
 
+/// The execution providers the initialised ONNX Runtime library was built with (its
+/// `GetAvailableProviders`, e.g. `["CPUExecutionProvider"]`), initialising it first when needed
+/// ([`init_ort`]). Compiled in is not the same as usable: a CUDA provider still needs its CUDA
+/// libraries at session creation.
+pub fn available_providers() -> Result<Vec<String>> {
+    init_ort()?;
+    let api = ::ort::api();
+    let status_error = |what: &str, status: ::ort::sys::OrtStatusPtr| -> Option<Error> {
+        if status.0.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null status is a live `OrtStatus`, whose message is a NUL-terminated
+        // string owned by it; we copy the message, then release the status once.
+        let message = unsafe {
+            let m = (api.GetErrorMessage)(status.0);
+            let text = if m.is_null() {
+                "unknown error".to_string()
+            } else {
+                CStr::from_ptr(m).to_string_lossy().into_owned()
+            };
+            (api.ReleaseStatus)(status.0);
+            text
+        };
+        Some(ort_error(format!("{what}: {message}")))
+    };
+    let mut list: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut count: std::ffi::c_int = 0;
+    // SAFETY: both out-pointers are valid; on success ONNX Runtime hands us `count` strings.
+    let status = unsafe { (api.GetAvailableProviders)(&mut list, &mut count) };
+    if let Some(e) = status_error("GetAvailableProviders failed", status) {
+        return Err(e);
+    }
+    if list.is_null() {
+        return Ok(Vec::new());
+    }
+    let names = (0..count.max(0) as usize)
+        .filter_map(|i| {
+            // SAFETY: `list` holds `count` pointers to NUL-terminated strings.
+            let p = unsafe { *list.add(i) };
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        })
+        .collect();
+    // SAFETY: releases exactly what GetAvailableProviders returned, once.
+    let status = unsafe { (api.ReleaseAvailableProviders)(list, count) };
+    if let Some(e) = status_error("ReleaseAvailableProviders failed", status) {
+        return Err(e);
+    }
+    Ok(names)
+}
+
+/// ONNX Runtime's build description (`GetBuildInfoString`: git branch, commit, build type),
+/// initialising it first when needed ([`init_ort`]).
+pub fn build_info() -> Result<String> {
+    init_ort()?;
+    Ok(::ort::info().to_string())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sessions
 // ---------------------------------------------------------------------------------------------
@@ -537,29 +596,31 @@ impl GraphRunner for OrtRunner {
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
         check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
         let path = &self.path;
-        let values: Vec<SessionInputValue<'static>> = inputs
-            .into_iter()
+        // Borrowed: ONNX Runtime reads the arrays where they lie (no copy, no allocation).
+        let values: Vec<SessionInputValue<'_>> = inputs
+            .iter()
             .zip(&self.input_names)
             .map(|(t, name)| {
-                let v = match t {
-                    Tensor::F32(a) => ::ort::value::Tensor::from_array(a).map(|t| t.into_dyn()),
-                    Tensor::I64(a) => ::ort::value::Tensor::from_array(a).map(|t| t.into_dyn()),
-                };
-                v.map(SessionInputValue::from)
-                    .map_err(|e| backend_error(KIND, path, format!("input `{name}`: {e}")))
+                match t {
+                    Tensor::F32(a) => input_value(a),
+                    Tensor::I64(a) => input_value(a),
+                }
+                .map_err(|e| backend_error(KIND, path, format!("input `{name}`: {e}")))
             })
             .collect::<Result<_>>()?;
         let outputs = self
             .session
             .run(&values[..])
             .map_err(|e| backend_error(KIND, path, format!("run failed: {e}")))?;
+        // One copy per output, out of ONNX Runtime's buffer: `ort` binds outputs only to tensors
+        // it allocated, so the data cannot land in an `ndarray` buffer of ours directly.
         self.output_names
             .iter()
             .map(|name| {
                 let value = outputs.get(name.as_str()).ok_or_else(|| {
                     backend_error(KIND, path, format!("output `{name}` missing from the run"))
                 })?;
-                let array = value.try_extract_array::<f32>().map_err(|e| {
+                let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
                     backend_error(
                         KIND,
                         path,
@@ -569,9 +630,24 @@ impl GraphRunner for OrtRunner {
                         ),
                     )
                 })?;
-                Ok(array.to_owned())
+                let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec())
+                    .map_err(|e| backend_error(KIND, path, format!("output `{name}`: {e}")))
             })
             .collect()
+    }
+}
+
+/// A borrowed view of `a` for ONNX Runtime; a copy only when `a` is not in standard (C) layout.
+fn input_value<T>(a: &ArrayD<T>) -> ::ort::Result<SessionInputValue<'_>>
+where
+    T: ::ort::value::PrimitiveTensorElementType + Clone + fmt::Debug + 'static,
+{
+    if a.is_standard_layout() {
+        TensorRef::from_array_view(a.view()).map(SessionInputValue::from)
+    } else {
+        ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
+            .map(SessionInputValue::from)
     }
 }
 

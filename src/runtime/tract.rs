@@ -1,26 +1,55 @@
-//! The tract backend: pure Rust, CPU, single-threaded in this build.
+//! The tract backend: pure Rust, CPU.
 //!
 //! The graph is loaded with `tract_onnx::onnx().model_for_path` (so ONNX external data beside the
-//! file is found), typed and optimised once with its symbolic dimensions (`batch`, `T`) left
-//! symbolic, and turned into a plan. Each run binds the symbols from the input shapes, so one
-//! runner accepts any batch and T.
+//! file is found), typed and decluttered once, then optimised into a plan with its symbolic
+//! dimensions (`batch`, `T`) left symbolic: each run binds the symbols from the input shapes, so
+//! one runner accepts any batch and T.
+//!
+//! [`RunOptions::fixed_dims`] asks for a second plan, optimised with some symbols concretised
+//! (`T = L` for the block graph: full blocks are the common case, and tract plans a fixed shape
+//! better than a symbolic one). A run whose input shapes give those symbols exactly those values
+//! goes to the specialised plan; any other run (the tail block) goes to the symbolic plan.
+//!
+//! [`RunOptions::intra_threads`] above 1 runs the plans on a rayon pool of that many threads
+//! (tract-linalg's `multithread-mm`: matrix products, element-wise, reductions, softmax and
+//! norms split over rows or panels; results are bit-identical to the single-threaded path).
+//! Unset or 1: tract's default, single-threaded.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ndarray::ArrayD;
+use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoRunnable, IntoTValue, TDim, TValue, TVec,
-    TypedSimplePlan, TypedSimpleState,
+    DatumType, Framework, InferenceModelExt, IntoTValue, RunOptions as TractRunOptions, Symbol,
+    TDim, TValue, TVec, TypedModel, TypedSimplePlan, TypedSimpleState,
 };
 
 use super::{
     backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, RunOptions,
     Tensor,
 };
-use crate::Result;
+use crate::{Error, Result};
 
 const KIND: BackendKind = BackendKind::Tract;
+
+/// Which of a [`TractRunner`]'s plans ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    /// The plan with every symbolic dimension left symbolic.
+    Symbolic,
+    /// The plan built for [`RunOptions::fixed_dims`].
+    Fixed,
+}
+
+/// The plan for the fixed dimensions, and where the inputs carry each of them.
+struct FixedPlan {
+    plan: Arc<TypedSimplePlan>,
+    state: Option<TypedSimpleState>,
+    /// (symbol, value, input index, axis): the run matches when each input axis has the value.
+    dims: Vec<(String, usize, usize, usize)>,
+}
 
 /// A graph loaded by tract.
 pub struct TractRunner {
@@ -28,6 +57,9 @@ pub struct TractRunner {
     plan: Arc<TypedSimplePlan>,
     /// Reused from run to run; dropped after a failed run (it may hold half-bound symbols).
     state: Option<TypedSimpleState>,
+    fixed: Option<FixedPlan>,
+    threads: usize,
+    last_plan: Option<PlanKind>,
     input_names: Vec<String>,
     output_names: Vec<String>,
     input_specs: Vec<IoSpec>,
@@ -39,17 +71,44 @@ impl std::fmt::Debug for TractRunner {
             .field("path", &self.path)
             .field("inputs", &self.input_specs)
             .field("outputs", &self.output_names)
+            .field("fixed_dims", &self.fixed_dims())
+            .field("threads", &self.threads)
             .finish()
     }
 }
 
+/// One rayon pool per thread count, shared by every runner of the process (a model opens an
+/// init and a block graph; they need not each spawn threads).
+fn executor(threads: usize) -> Option<Executor> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Executor>>> = OnceLock::new();
+    if threads <= 1 {
+        return None;
+    }
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    Some(
+        pools
+            .entry(threads)
+            .or_insert_with(|| Executor::multithread_with_name(threads, "famc-tract"))
+            .clone(),
+    )
+}
+
 impl TractRunner {
-    /// Loads and optimises the graph at `path`. `opts.intra_threads` is ignored: this build of
-    /// tract is single-threaded.
-    pub fn open(path: &Path, _opts: &RunOptions) -> Result<Self> {
+    /// Loads and optimises the graph at `path`; with `opts.fixed_dims` naming symbols of the
+    /// graph's inputs, also a plan specialised to those sizes (see the module documentation).
+    /// `opts.intra_threads` sets the thread count; the other options are ONNX Runtime's.
+    pub fn open(path: &Path, opts: &RunOptions) -> Result<Self> {
         let err = |what: &str, e: tract_onnx::prelude::TractError| {
             backend_error(KIND, path, format!("{what}: {e:#}"))
         };
+        if let Some((name, _)) = opts.fixed_dims.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Input(format!(
+                "fixed dimension `{name}` = 0: a fixed size must be at least 1"
+            )));
+        }
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| err("cannot load the ONNX graph", e))?;
@@ -74,17 +133,20 @@ impl TractRunner {
             })
             .collect();
 
-        let typed = model
-            .into_optimized()
-            .map_err(|e| err("cannot type and optimise the graph", e))?;
-        if typed.inputs.len() != input_names.len() || typed.outputs.len() != output_names.len() {
+        let decluttered = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| err("cannot type the graph", e))?;
+        if decluttered.inputs.len() != input_names.len()
+            || decluttered.outputs.len() != output_names.len()
+        {
             return Err(backend_error(
                 KIND,
                 path,
                 format!(
-                    "the optimised graph has {} inputs and {} outputs, the ONNX graph {} and {}",
-                    typed.inputs.len(),
-                    typed.outputs.len(),
+                    "the typed graph has {} inputs and {} outputs, the ONNX graph {} and {}",
+                    decluttered.inputs.len(),
+                    decluttered.outputs.len(),
                     input_names.len(),
                     output_names.len()
                 ),
@@ -92,7 +154,7 @@ impl TractRunner {
         }
         let mut input_specs = Vec::with_capacity(input_names.len());
         for (ix, name) in input_names.iter().enumerate() {
-            let fact = typed
+            let fact = decluttered
                 .input_fact(ix)
                 .map_err(|e| err("bad graph inputs", e))?;
             input_specs.push(IoSpec {
@@ -101,23 +163,99 @@ impl TractRunner {
                 shape: Some(fact.shape.iter().map(dim).collect()),
             });
         }
-        let plan = typed
-            .into_runnable()
-            .map_err(|e| err("cannot plan the graph", e))?;
+
+        let threads = opts.intra_threads.unwrap_or(1).max(1);
+        let plan_opts = TractRunOptions {
+            executor: executor(threads),
+            ..Default::default()
+        };
+
+        // Where the inputs carry each fixed symbol; symbols no input names are ignored (the
+        // same options serve a model's init graph, which has no `T`).
+        let mut fixed_dims: Vec<(String, usize, usize, usize)> = Vec::new();
+        let mut subs: HashMap<Symbol, TDim> = HashMap::new();
+        for (name, value) in &opts.fixed_dims {
+            let at = input_specs.iter().enumerate().find_map(|(ix, spec)| {
+                let axis = spec
+                    .shape
+                    .as_ref()?
+                    .iter()
+                    .position(|d| matches!(d, Dim::Named(s) if s == name))?;
+                Some((ix, axis))
+            });
+            let (Some((ix, axis)), Some(sym)) = (at, decluttered.symbols.get(name)) else {
+                continue;
+            };
+            if fixed_dims.iter().any(|(n, ..)| n == name) {
+                continue;
+            }
+            fixed_dims.push((name.clone(), *value, ix, axis));
+            subs.insert(sym, TDim::Val(*value as i64));
+        }
+        let fixed = if fixed_dims.is_empty() {
+            None
+        } else {
+            let what = || {
+                let dims: Vec<String> = fixed_dims
+                    .iter()
+                    .map(|(n, v, ..)| format!("{n} = {v}"))
+                    .collect();
+                format!("cannot plan the graph for {}", dims.join(", "))
+            };
+            let plan = decluttered
+                .set_symbols(&subs)
+                .and_then(TypedModel::into_optimized)
+                .and_then(|m| m.into_runnable_with_options(&plan_opts))
+                .map_err(|e| err(&what(), e))?;
+            Some(FixedPlan {
+                plan,
+                state: None,
+                dims: fixed_dims,
+            })
+        };
+        let plan = decluttered
+            .into_optimized()
+            .and_then(|m| m.into_runnable_with_options(&plan_opts))
+            .map_err(|e| err("cannot optimise and plan the graph", e))?;
         Ok(TractRunner {
             path: path.to_path_buf(),
             plan,
             state: None,
+            fixed,
+            threads,
+            last_plan: None,
             input_names,
             output_names,
             input_specs,
         })
     }
 
-    fn run_inner(&mut self, inputs: TVec<TValue>) -> Result<Vec<ArrayD<f32>>> {
-        let state = match &mut self.state {
+    /// The symbols that have a specialised plan, with their sizes (empty when none does).
+    pub fn fixed_dims(&self) -> Vec<(String, usize)> {
+        self.fixed
+            .as_ref()
+            .map(|f| f.dims.iter().map(|(n, v, ..)| (n.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The threads tract runs on (1: single-threaded).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Which plan the last successful run used (`None` before any).
+    pub fn last_plan(&self) -> Option<PlanKind> {
+        self.last_plan
+    }
+
+    fn run_inner(&mut self, kind: PlanKind, inputs: TVec<TValue>) -> Result<Vec<ArrayD<f32>>> {
+        let (plan, state) = match (kind, &mut self.fixed) {
+            (PlanKind::Fixed, Some(f)) => (&f.plan, &mut f.state),
+            _ => (&self.plan, &mut self.state),
+        };
+        let state = match state {
             Some(s) => s,
-            None => self.state.insert(self.plan.spawn().map_err(|e| {
+            None => state.insert(plan.spawn().map_err(|e| {
                 backend_error(KIND, &self.path, format!("cannot start a run: {e:#}"))
             })?),
         };
@@ -168,6 +306,16 @@ impl GraphRunner for TractRunner {
 
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
         check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
+        let kind = match &self.fixed {
+            Some(f)
+                if f.dims
+                    .iter()
+                    .all(|&(_, v, ix, axis)| inputs[ix].shape()[axis] == v) =>
+            {
+                PlanKind::Fixed
+            }
+            _ => PlanKind::Symbolic,
+        };
         let values: TVec<TValue> = inputs
             .into_iter()
             .map(|t| match t {
@@ -175,9 +323,15 @@ impl GraphRunner for TractRunner {
                 Tensor::I64(a) => a.into_tvalue(),
             })
             .collect();
-        let result = self.run_inner(values);
-        if result.is_err() {
-            self.state = None;
+        let result = self.run_inner(kind, values);
+        match (&result, kind) {
+            (Ok(_), _) => self.last_plan = Some(kind),
+            (Err(_), PlanKind::Fixed) => {
+                if let Some(f) = &mut self.fixed {
+                    f.state = None;
+                }
+            }
+            (Err(_), PlanKind::Symbolic) => self.state = None,
         }
         result
     }

@@ -1,0 +1,4 @@
+//! Subcommands of the `famc` binary that live outside main.rs.
+
+pub mod generate;
+pub mod score;

@@ -1,0 +1,382 @@
+//! Generation: a loop over any [`LanguageModel`] as an iterator of tokens, samplers, and the FAM
+//! decoder that drives the decode graph across block boundaries.
+
+use ndarray::{concatenate, ArrayD, Axis, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::runtime::{open_graph, GraphRunner, Tensor};
+use crate::session::{FamModel, StreamState};
+
+/// A causal language model that takes tokens one after another.
+pub trait LanguageModel {
+    /// Feeds `tokens` (at least one) after those fed before; returns the logits that follow the last.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (the lowest id on ties).
+    Greedy,
+    /// A random draw from softmax(logits / temperature), restricted to the `top_k` most likely
+    /// tokens and then to the smallest set whose probability reaches `top_p`.
+    Random {
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: u64,
+    },
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends when one of these is chosen; it is not yielded.
+    pub stop_tokens: Vec<u32>,
+}
+
+/// SplitMix64: a small, well-mixed generator, so a seed gives the same tokens everywhere.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Chooses tokens from logits.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    sampling: Sampling,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub fn new(sampling: Sampling) -> Result<Self> {
+        let seed = match &sampling {
+            Sampling::Greedy => 0,
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            } => {
+                if !(*temperature > 0.0 && temperature.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "temperature {temperature} must be positive"
+                    )));
+                }
+                if *top_k == Some(0) {
+                    return Err(Error::Input("top-k must be at least 1".into()));
+                }
+                if let Some(p) = top_p {
+                    if !(*p > 0.0 && *p <= 1.0) {
+                        return Err(Error::Input(format!("top-p {p} must be in (0, 1]")));
+                    }
+                }
+                *seed
+            }
+        };
+        Ok(Sampler {
+            sampling,
+            rng: SplitMix64(seed),
+        })
+    }
+
+    /// The next token for `logits`.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0 as u32
+        };
+        let Sampling::Random {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = &self.sampling
+        else {
+            return argmax();
+        };
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if let Some(k) = top_k {
+            order.truncate(*k);
+        }
+        let max = logits[order[0]] as f64;
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / *temperature as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if let Some(top_p) = top_p {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    acc += p;
+                    acc >= *top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            order.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.next_f64() * total;
+        for (p, &i) in probs.iter().zip(&order) {
+            r -= p;
+            if r < 0.0 {
+                return i as u32;
+            }
+        }
+        *order.last().expect("at least one candidate") as u32
+    }
+}
+
+/// The generation loop as an iterator: feeds the prompt, then yields each new token until
+/// `max_new_tokens` or a stop token.
+pub struct Generator<'a, M: LanguageModel> {
+    model: &'a mut M,
+    prompt: Option<Vec<u32>>,
+    last: Option<u32>,
+    sampler: Sampler,
+    remaining: usize,
+    stop: Vec<u32>,
+    done: bool,
+}
+
+/// Generates after `prompt` with `opts`.
+pub fn generate<'a, M: LanguageModel>(
+    model: &'a mut M,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Generator<'a, M>> {
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt holds no tokens".into()));
+    }
+    Ok(Generator {
+        model,
+        prompt: Some(prompt.to_vec()),
+        last: None,
+        sampler: Sampler::new(opts.sampling.clone())?,
+        remaining: opts.max_new_tokens,
+        stop: opts.stop_tokens.clone(),
+        done: false,
+    })
+}
+
+impl<M: LanguageModel> Iterator for Generator<'_, M> {
+    type Item = Result<u32>;
+
+    fn next(&mut self) -> Option<Result<u32>> {
+        if self.done || self.remaining == 0 {
+            return None;
+        }
+        let input = match (self.prompt.take(), self.last) {
+            (Some(p), _) => p,
+            (None, Some(t)) => vec![t],
+            (None, None) => return None,
+        };
+        let logits = match self.model.feed(&input) {
+            Ok(l) => l,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        let token = self.sampler.sample(&logits);
+        if self.stop.contains(&token) {
+            self.done = true;
+            return None;
+        }
+        self.remaining -= 1;
+        self.last = Some(token);
+        Some(Ok(token))
+    }
+}
+
+/// One stream of a FAM model, fed token by token through the decode graph and block by block
+/// through the block graph (prompts); the state advances exactly at block boundaries.
+pub struct FamDecoder<'m> {
+    model: &'m FamModel,
+    decode: Box<dyn GraphRunner>,
+    fam_kv: Option<Box<dyn GraphRunner>>,
+    state: StreamState,
+    block: Vec<u32>,
+    /// Per layer: FAM keys then values [1, Hkv, F, Dh] of the current block, when F > 0.
+    fam_kv_values: Option<Vec<ArrayD<f32>>>,
+    /// Per layer: cache keys then values [1, Hkv, L, Dh].
+    cache: Vec<ArrayD<f32>>,
+}
+
+impl<'m> FamDecoder<'m> {
+    /// A new stream on `model`, opening its decode graphs.
+    pub fn new(model: &'m FamModel) -> Result<Self> {
+        let m = model.manifest();
+        let dir = model.export_dir();
+        let decode_file = m.graphs.decode.as_ref().ok_or_else(|| Error::Export {
+            dir: dir.to_path_buf(),
+            message: "the export has no decode graph: re-export it with this famc".into(),
+        })?;
+        let decode = open_graph(model.backend(), &dir.join(decode_file), model.run_options())?;
+        let fam_kv = match &m.graphs.fam_kv {
+            Some(f) => Some(open_graph(
+                model.backend(),
+                &dir.join(f),
+                model.run_options(),
+            )?),
+            None => None,
+        };
+        let d = &m.model;
+        let cache_shape = [1, d.num_kv_heads, m.fam.block_len, d.head_dim];
+        Ok(FamDecoder {
+            model,
+            decode,
+            fam_kv,
+            state: model.new_state(),
+            block: Vec::new(),
+            fam_kv_values: None,
+            cache: (0..2 * d.num_layers)
+                .map(|_| ArrayD::zeros(IxDyn(&cache_shape)))
+                .collect(),
+        })
+    }
+
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.state.block_index * self.model.fam_params().block_len + self.block.len()
+    }
+
+    fn state_of(&self, layer: usize, kind: &str) -> Option<ArrayD<f32>> {
+        self.model
+            .manifest()
+            .state
+            .iter()
+            .position(|s| s.layer == layer && s.kind == kind)
+            .map(|i| self.state.tensors[i].view().insert_axis(Axis(0)).to_owned())
+    }
+
+    fn refresh_fam_kv(&mut self) -> Result<()> {
+        let Some(runner) = self.fam_kv.as_mut() else {
+            return Ok(());
+        };
+        let n = self.model.manifest().model.num_layers;
+        let mut inputs = vec![Tensor::I64(ArrayD::from_elem(
+            IxDyn(&[1]),
+            self.state.block_index as i64,
+        ))];
+        for l in 0..n {
+            let fam = self
+                .model
+                .manifest()
+                .state
+                .iter()
+                .position(|s| s.layer == l && s.kind == "fam")
+                .expect("F > 0");
+            inputs.push(Tensor::F32(
+                self.state.tensors[fam]
+                    .view()
+                    .insert_axis(Axis(0))
+                    .to_owned(),
+            ));
+        }
+        self.fam_kv_values = Some(runner.run(inputs)?);
+        Ok(())
+    }
+
+    fn decode_one(&mut self, token: u32) -> Result<Vec<f32>> {
+        let m = self.model.manifest();
+        if token as usize >= m.model.vocab_size {
+            return Err(Error::Input(format!(
+                "token id {token} at position {} is out of range (vocab_size {})",
+                self.position(),
+                m.model.vocab_size
+            )));
+        }
+        if self.fam_kv.is_some() && self.fam_kv_values.is_none() {
+            self.refresh_fam_kv()?;
+        }
+        let mut inputs = vec![
+            Tensor::I64(ArrayD::from_elem(IxDyn(&[1, 1]), token as i64)),
+            Tensor::I64(ArrayD::from_elem(IxDyn(&[1]), self.position() as i64)),
+        ];
+        for l in 0..m.model.num_layers {
+            if let Some(kv) = &self.fam_kv_values {
+                inputs.push(Tensor::F32(kv[2 * l].clone()));
+                inputs.push(Tensor::F32(kv[2 * l + 1].clone()));
+            }
+            if let (Some(k), Some(v)) = (self.state_of(l, "mem_k"), self.state_of(l, "mem_v")) {
+                inputs.push(Tensor::F32(k));
+                inputs.push(Tensor::F32(v));
+            }
+            inputs.push(Tensor::F32(self.cache[2 * l].clone()));
+            inputs.push(Tensor::F32(self.cache[2 * l + 1].clone()));
+        }
+        let mut out = self.decode.run(inputs)?.into_iter();
+        let logits = out
+            .next()
+            .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?;
+        self.cache = out.collect();
+        self.block.push(token);
+        if self.block.len() == m.fam.block_len {
+            self.finish_block()?;
+        }
+        Ok(logits.iter().copied().collect())
+    }
+
+    /// At a block boundary: the block graph advances the state over the completed block.
+    fn finish_block(&mut self) -> Result<Vec<f32>> {
+        let block = std::mem::take(&mut self.block);
+        let logits = self
+            .model
+            .step(std::slice::from_mut(&mut self.state), &[&block])?;
+        self.fam_kv_values = None;
+        Ok(logits[0].row(block.len() - 1).to_vec())
+    }
+}
+
+impl LanguageModel for FamDecoder<'_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let l = self.model.fam_params().block_len;
+        let mut last = None;
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            if self.block.is_empty() && rest.len() >= l {
+                // whole blocks of a prompt go through the block graph at once
+                self.block.extend_from_slice(&rest[..l]);
+                last = Some(self.finish_block()?);
+                rest = &rest[l..];
+            } else {
+                last = Some(self.decode_one(rest[0])?);
+                rest = &rest[1..];
+            }
+        }
+        last.ok_or_else(|| Error::Input("nothing to feed".into()))
+    }
+}
+
+/// Concatenates logits rows; a helper for tests and tools comparing decode and block logits.
+pub fn stack_rows(rows: &[Vec<f32>]) -> Result<ndarray::Array2<f32>> {
+    let views: Vec<_> = rows
+        .iter()
+        .map(|r| ndarray::ArrayView1::from(r.as_slice()).insert_axis(Axis(0)))
+        .collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::Input(e.to_string()))
+}

@@ -1,0 +1,366 @@
+//! Streaming over unlimited input: token sources read incrementally, and a scorer that never
+//! holds more than one block (plus one token) of input and one block of logits.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use ndarray::ArrayView1;
+
+use crate::error::{Error, Result};
+use crate::session::{FamModel, StreamState};
+use crate::snapshot::Snapshot;
+
+/// Token ids parsed incrementally from whitespace-separated text (a file or stdin).
+pub struct TokenReader<R> {
+    reader: R,
+    source: String,
+    vocab_size: usize,
+    carry: String,
+    position: u64,
+    bytes_read: u64,
+    done: bool,
+}
+
+impl<R: BufRead> TokenReader<R> {
+    /// Reads ids from `reader`; `source` names it in errors.
+    pub fn new(reader: R, source: impl Into<String>, vocab_size: usize) -> Self {
+        TokenReader {
+            reader,
+            source: source.into(),
+            vocab_size,
+            carry: String::new(),
+            position: 0,
+            bytes_read: 0,
+            done: false,
+        }
+    }
+
+    /// Bytes consumed so far (for progress).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    fn parse(&mut self, word: &str, out: &mut Vec<u32>) -> Result<()> {
+        let err = |message: String| Error::Tokens {
+            source_name: self.source.clone(),
+            message,
+        };
+        let id: u64 = word.parse().map_err(|_| {
+            err(format!(
+                "token {}: `{word}` is not a non-negative integer id",
+                self.position
+            ))
+        })?;
+        if id >= self.vocab_size as u64 {
+            return Err(err(format!(
+                "token {}: id {id} is out of range (vocab_size {})",
+                self.position, self.vocab_size
+            )));
+        }
+        out.push(id as u32);
+        self.position += 1;
+        Ok(())
+    }
+
+    /// The next chunk of ids (empty at the end of input).
+    pub fn next_chunk(&mut self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        while out.is_empty() && !self.done {
+            let mut buf = vec![0u8; 1 << 16];
+            let n = self.reader.read(&mut buf).map_err(|e| Error::Tokens {
+                source_name: self.source.clone(),
+                message: e.to_string(),
+            })?;
+            self.bytes_read += n as u64;
+            if n == 0 {
+                self.done = true;
+            }
+            let mut text = std::mem::take(&mut self.carry).into_bytes();
+            text.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8(text).map_err(|_| Error::Tokens {
+                source_name: self.source.clone(),
+                message: format!("not UTF-8 text near token {}", self.position),
+            })?;
+            // a word cut by the chunk boundary waits for the rest of it
+            let (complete, rest) = match text.rfind(char::is_whitespace) {
+                _ if self.done => (text.as_str(), ""),
+                Some(i) => text.split_at(i),
+                None => ("", text.as_str()),
+            };
+            self.carry = rest.to_string();
+            for word in complete.split_whitespace() {
+                self.parse(word, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Running negative log-likelihood of a stream: token i predicts token i + 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ScoreStats {
+    /// Tokens read.
+    pub tokens: u64,
+    /// Predictions scored (tokens − 1 for a whole stream).
+    pub scored: u64,
+    /// Sum of −log p(next token).
+    pub nll_sum: f64,
+}
+
+impl ScoreStats {
+    /// Mean negative log-likelihood per scored prediction.
+    pub fn mean_nll(&self) -> f64 {
+        if self.scored == 0 {
+            f64::NAN
+        } else {
+            self.nll_sum / self.scored as f64
+        }
+    }
+
+    /// Perplexity, exp(mean NLL).
+    pub fn ppl(&self) -> f64 {
+        self.mean_nll().exp()
+    }
+}
+
+/// −log softmax(logits)[target], in f64.
+pub fn nll(logits: ArrayView1<f32>, target: u32) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    max + sum.ln() - logits[target as usize] as f64
+}
+
+/// Scores one stream block by block. A block runs once its next token is known, so that its last
+/// prediction has a target; state therefore always sits after a full block, with at most L + 1
+/// tokens buffered.
+pub struct Scorer<'m> {
+    model: &'m FamModel,
+    state: StreamState,
+    pending: Vec<u32>,
+    committed: ScoreStats,
+}
+
+impl<'m> Scorer<'m> {
+    /// A new stream.
+    pub fn new(model: &'m FamModel) -> Self {
+        Scorer {
+            model,
+            state: model.new_state(),
+            pending: Vec::new(),
+            committed: ScoreStats::default(),
+        }
+    }
+
+    /// Continues a stream from a snapshot taken by [`Scorer::snapshot`].
+    pub fn resume(model: &'m FamModel, snap: Snapshot) -> Self {
+        Scorer {
+            model,
+            state: snap.state,
+            pending: snap.pending,
+            committed: ScoreStats {
+                tokens: snap.tokens_read,
+                scored: snap.scored,
+                nll_sum: snap.nll_sum,
+            },
+        }
+    }
+
+    fn block_len(&self) -> usize {
+        self.model.fam_params().block_len
+    }
+
+    /// Feeds more tokens; runs every block whose next token is now known.
+    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        let l = self.block_len();
+        self.committed.tokens += tokens.len() as u64;
+        let mut rest = tokens;
+        loop {
+            let take = (l + 1).saturating_sub(self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() <= l {
+                return Ok(());
+            }
+            let logits = self
+                .model
+                .step(std::slice::from_mut(&mut self.state), &[&self.pending[..l]])?;
+            for (i, row) in logits[0].rows().into_iter().enumerate() {
+                self.committed.nll_sum += nll(row, self.pending[i + 1]);
+            }
+            self.committed.scored += l as u64;
+            self.pending.drain(..l);
+        }
+    }
+
+    /// The totals so far: the committed blocks plus the predictions inside the pending tokens,
+    /// which are computed on a copy of the state and committed only when their block is full.
+    pub fn totals(&self) -> Result<ScoreStats> {
+        let mut stats = self.committed;
+        if self.pending.len() > 1 {
+            let mut state = self.state.clone();
+            let logits = self
+                .model
+                .step(std::slice::from_mut(&mut state), &[&self.pending])?;
+            for (i, target) in self.pending[1..].iter().enumerate() {
+                stats.nll_sum += nll(logits[0].row(i), *target);
+            }
+            stats.scored += self.pending.len() as u64 - 1;
+        }
+        Ok(stats)
+    }
+
+    /// The stream's whole state after its last full block, with the tokens read since.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.state.clone(),
+            pending: self.pending.clone(),
+            nll_sum: self.committed.nll_sum,
+            scored: self.committed.scored,
+            tokens_read: self.committed.tokens,
+        }
+    }
+}
+
+/// Scores several independent streams, running the blocks of streams at the same stage as one
+/// batch; each result equals scoring that stream alone.
+pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStats>> {
+    let l = model.fam_params().block_len;
+    let mut states: Vec<StreamState> = streams.iter().map(|_| model.new_state()).collect();
+    let mut stats = vec![ScoreStats::default(); streams.len()];
+    for (s, ids) in streams.iter().enumerate() {
+        stats[s].tokens = ids.len() as u64;
+    }
+    let mut start = 0;
+    loop {
+        // streams whose block at `start` is full and followed by a token
+        let live: Vec<usize> = (0..streams.len())
+            .filter(|&s| streams[s].len() > start + l)
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        let mut batch: Vec<StreamState> = live.iter().map(|&s| states[s].clone()).collect();
+        let blocks: Vec<&[u32]> = live
+            .iter()
+            .map(|&s| &streams[s][start..start + l])
+            .collect();
+        let logits = model.step(&mut batch, &blocks)?;
+        for ((&s, st), lg) in live.iter().zip(batch).zip(logits) {
+            for i in 0..l {
+                stats[s].nll_sum += nll(lg.row(i), streams[s][start + i + 1]);
+            }
+            stats[s].scored += l as u64;
+            states[s] = st;
+        }
+        start += l;
+    }
+    for (s, ids) in streams.iter().enumerate() {
+        let done = (stats[s].scored as usize).min(ids.len());
+        let tail = &ids[done..];
+        if tail.len() > 1 {
+            let logits = model.step(std::slice::from_mut(&mut states[s]), &[tail])?;
+            for (i, target) in tail[1..].iter().enumerate() {
+                stats[s].nll_sum += nll(logits[0].row(i), *target);
+            }
+            stats[s].scored += tail.len() as u64 - 1;
+        }
+    }
+    Ok(stats)
+}
+
+/// Tokenizes UTF-8 text with a checkpoint's or export's `tokenizer.json`.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` from `dir`, with a clear error when there is none.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::Input(format!(
+                "{} has no tokenizer.json: --text needs the model's tokenizer (use --tokens with ids instead)",
+                dir.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+            Error::Input(format!(
+                "{}: cannot load the tokenizer: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(TextTokenizer { inner })
+    }
+
+    /// Ids of `text`; `first` adds the tokenizer's special tokens (such as BOS) at the start.
+    pub fn encode(&self, text: &str, first: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, first)
+            .map_err(|e| Error::Input(format!("cannot tokenize the text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Input(format!("cannot decode ids: {e}")))
+    }
+}
+
+/// Reads UTF-8 text in pieces cut after a newline (about 64 KiB each), so that a long text is
+/// tokenized piece by piece rather than held whole.
+pub struct TextChunks<R> {
+    reader: R,
+    source: String,
+    done: bool,
+}
+
+impl<R: BufRead> TextChunks<R> {
+    pub fn new(reader: R, source: impl Into<String>) -> Self {
+        TextChunks {
+            reader,
+            source: source.into(),
+            done: false,
+        }
+    }
+
+    /// The next piece of text, or `None` at the end.
+    pub fn next_piece(&mut self) -> Result<Option<String>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut piece = Vec::new();
+        while piece.len() < 1 << 16 {
+            let n = self
+                .reader
+                .read_until(b'\n', &mut piece)
+                .map_err(|e| Error::Tokens {
+                    source_name: self.source.clone(),
+                    message: e.to_string(),
+                })?;
+            if n == 0 {
+                self.done = true;
+                break;
+            }
+        }
+        if piece.is_empty() {
+            return Ok(None);
+        }
+        String::from_utf8(piece)
+            .map(Some)
+            .map_err(|_| Error::Tokens {
+                source_name: self.source.clone(),
+                message: "not UTF-8 text".into(),
+            })
+    }
+}
+
+/// The process's peak resident set size so far (Linux `VmHWM`), when the platform tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,212 @@
+//! A side-by-side timing of the tract block-graph plans (ignored by default: it measures, it
+//! does not check). Run it with
+//!
+//! ```sh
+//! cargo test --test tract_bench -- --ignored --nocapture
+//! ```
+//!
+//! A random checkpoint (d = 256, 4 layers, 8 heads, 4 KV heads, L = 64, F = 8, M = 2) is exported,
+//! and its block graph run for one stream on full blocks (T = L) and on a tail block (T = 17):
+//! the symbolic plan alone, with a `T = L` plan, and with a `batch = 1, T = L` plan, on 1 and 2
+//! threads. With `FAMC_BENCH_ORT=1`, ONNX Runtime too (run after tract: its spinning pool
+//! threads would slow whatever runs next). `FAMC_BENCH_RUNS` sets the rounds (default 15).
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use famc::export::{self, ExportOptions};
+use famc::model::{Checkpoint, FamParams};
+use famc::runtime::tract::{PlanKind, TractRunner};
+use famc::runtime::{open_graph, BackendKind, Dim, GraphRunner, RunOptions, Tensor};
+use ndarray::{ArrayD, IxDyn};
+
+const L: usize = 64;
+
+fn inputs(specs: &[famc::runtime::IoSpec], batch: usize, t: usize, vocab: usize) -> Vec<Tensor> {
+    let mut rng = Rng::new(11);
+    let mut v = vec![
+        Tensor::I64(ArrayD::from_shape_fn(IxDyn(&[batch, t]), |ix| {
+            ((ix[0] * 131 + ix[1] * 17) % vocab) as i64
+        })),
+        Tensor::I64(ArrayD::from_elem(IxDyn(&[batch]), 5)),
+    ];
+    for spec in &specs[2..] {
+        let shape: Vec<usize> = spec
+            .shape
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                _ => batch,
+            })
+            .collect();
+        v.push(Tensor::F32(ArrayD::from_shape_simple_fn(
+            IxDyn(&shape),
+            || rng.uniform() - 0.5,
+        )));
+    }
+    v
+}
+
+fn median(mut d: Vec<f64>) -> f64 {
+    d.sort_by(f64::total_cmp);
+    d[d.len() / 2]
+}
+
+/// The 10th percentile: on a busy machine, closer to the uncontended time than the median.
+fn p10(mut d: Vec<f64>) -> f64 {
+    d.sort_by(f64::total_cmp);
+    d[d.len() / 10]
+}
+
+/// The mean: CPU time is accounted in scheduler ticks (often 4 ms), so one run's figure is a
+/// sample and only the mean is unbiased.
+fn mean(d: Vec<f64>) -> f64 {
+    d.iter().sum::<f64>() / d.len() as f64
+}
+
+/// This thread's time on a CPU so far, in ns (Linux `/proc/thread-self/schedstat`): unlike the
+/// wall clock, it does not count time spent preempted by other processes.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Wall-clock and calling-thread CPU milliseconds of one run (the CPU time covers only the
+/// calling thread: meaningful for single-threaded runners).
+fn time_run(r: &mut dyn GraphRunner, input: &[Tensor]) -> (f64, f64) {
+    let x = input.to_vec();
+    let c0 = thread_cpu_ns();
+    let t0 = Instant::now();
+    r.run(x).unwrap();
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    let cpu = match (c0, thread_cpu_ns()) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1e6,
+        _ => f64::NAN,
+    };
+    (wall, cpu)
+}
+
+#[test]
+#[ignore = "a timing, not a check: cargo test --test tract_bench -- --ignored --nocapture"]
+fn tract_fixed_t_plan_timing() {
+    let spec = Spec {
+        hidden: 256,
+        layers: 4,
+        heads: 8,
+        kv_heads: 4,
+        head_dim: 32,
+        inter: 688,
+        vocab: 2048,
+        ..Spec::default()
+    };
+    let (_tmp, ck_dir, _) = temp_checkpoint(&spec);
+    let ck = Checkpoint::load(&ck_dir).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let fam = FamParams {
+        block_len: L,
+        fam_len: 8,
+        mem_blocks: 2,
+    };
+    export::export(&ck, fam, out.path(), &ExportOptions::default()).unwrap();
+    let block = out.path().join("block.onnx");
+    let n: usize = std::env::var("FAMC_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let batch = 1;
+
+    println!(
+        "block graph: d=256, 4 layers, L={L}, F=8, M=2, V=2048, batch {batch}; median of {n} \
+         rounds, the runners interleaved within each round"
+    );
+    let mut runners: Vec<(String, Box<dyn GraphRunner>, f64)> = Vec::new();
+    for threads in [1usize, 2] {
+        for fixed in [&[][..], &[("T", L)], &[("batch", 1), ("T", L)]] {
+            let mut opts = RunOptions {
+                intra_threads: Some(threads),
+                ..RunOptions::default()
+            };
+            for &(name, size) in fixed {
+                opts = opts.with_fixed_dim(name, size);
+            }
+            let t0 = Instant::now();
+            let r = TractRunner::open(&block, &opts).unwrap();
+            let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let plans = if fixed.is_empty() {
+                "symbolic only".to_string()
+            } else {
+                let dims: Vec<String> = fixed.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                format!("{} + symbolic", dims.join(","))
+            };
+            runners.push((format!("tract {threads}t, {plans}"), Box::new(r), open_ms));
+        }
+    }
+    if std::env::var_os("FAMC_BENCH_ORT").is_some() {
+        for threads in [1usize, 2] {
+            let opts = RunOptions {
+                intra_threads: Some(threads),
+                ..RunOptions::default()
+            };
+            let t0 = Instant::now();
+            let r = open_graph(BackendKind::Ort, &block, &opts).unwrap();
+            let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+            runners.push((format!("ort {threads}t"), r, open_ms));
+        }
+    }
+    let specs = runners[0].1.input_specs().to_vec();
+    let full = inputs(&specs, batch, L, spec.vocab);
+    let tail = inputs(&specs, batch, 17, spec.vocab);
+    // (full wall, full cpu, tail wall, tail cpu) of each runner
+    let mut times: Vec<[Vec<f64>; 4]> = vec![Default::default(); runners.len()];
+    // tract's runners interleaved, then ONNX Runtime's (whose pool threads spin after a run)
+    let n_tract = runners
+        .iter()
+        .filter(|(_, r, _)| r.backend() == BackendKind::Tract)
+        .count();
+    for group in [0..n_tract, n_tract..runners.len()] {
+        for round in 0..n + 3 {
+            for i in group.clone() {
+                let r = &mut runners[i].1;
+                let (fw, fc) = time_run(r.as_mut(), &full);
+                let (tw, tc) = time_run(r.as_mut(), &tail);
+                if round >= 3 {
+                    for (k, v) in [fw, fc, tw, tc].into_iter().enumerate() {
+                        times[i][k].push(v);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{:<34} {:>7} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8}",
+        "runner", "open", "T=L p10", "median", "cpu", "T=17 p10", "median", "cpu"
+    );
+    for ((name, _, open_ms), [fw, fc, tw, tc]) in runners.iter().zip(times) {
+        println!(
+            "{name:<34} {open_ms:>7.0} | {:>8.2} {:>8.2} {:>8.2} | {:>8.2} {:>8.2} {:>8.2}",
+            p10(fw.clone()),
+            median(fw),
+            mean(fc),
+            p10(tw.clone()),
+            median(tw),
+            mean(tc)
+        );
+    }
+    println!(
+        "(ms; p10 and median of the wall clock; cpu: mean time of the calling thread on a CPU, \
+         which leaves out the pool threads of multithreaded runners)"
+    );
+    // The dispatch: a full block on the specialised plan, the tail on the symbolic one.
+    let opts = RunOptions::default()
+        .with_fixed_dim("batch", 1)
+        .with_fixed_dim("T", L);
+    let mut r = TractRunner::open(&block, &opts).unwrap();
+    r.run(full.clone()).unwrap();
+    assert_eq!(r.last_plan(), Some(PlanKind::Fixed));
+    r.run(tail.clone()).unwrap();
+    assert_eq!(r.last_plan(), Some(PlanKind::Symbolic));
+}
