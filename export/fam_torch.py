@@ -24,7 +24,6 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as Fn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 

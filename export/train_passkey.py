@@ -35,7 +35,7 @@ def parse():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -52,7 +52,7 @@ def parse():
     ap.add_argument("--mem-blocks", type=int, default=1)
     # curriculum over the distance N (blocks between the key and the question)
     ap.add_argument("--start-dist", type=int, default=2)
-    ap.add_argument("--max-dist", type=int, default=24)
+    ap.add_argument("--max-dist", type=int, default=32)
     ap.add_argument("--dist-step", type=int, default=2)
     ap.add_argument("--promote-acc", type=float, default=0.9)
     # the paper's training extras

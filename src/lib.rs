@@ -6,6 +6,7 @@
 //! - [`onnx`] and [`builder`] write ONNX graphs;
 //! - [`io`] reads token ids and writes results atomically.
 
+pub mod bench;
 pub mod builder;
 pub mod doctor;
 pub mod emit;

@@ -32,6 +32,8 @@ enum Command {
     Score(ScoreCmd),
     /// Generate tokens after a prompt, across block boundaries, with the decode graph.
     Generate(GenerateCmd),
+    /// Measure prefill and decode throughput, latency per block and peak memory.
+    Bench(BenchCmd),
     /// Compile a checkpoint into ONNX graphs with explicit FAM state (docs/graph-contract.md).
     Export(ExportArgs),
     /// Show the inputs, outputs, ops, weights and FAM parameters of an export or an .onnx file.
@@ -55,6 +57,9 @@ struct ExportArgs {
     /// Initializers larger than this many bytes go to `<graph>.onnx.data`.
     #[arg(long, default_value_t = famc::export::DEFAULT_EXTERNAL_THRESHOLD)]
     external_threshold: usize,
+    /// Element type of the stored weight matrices: f32, f16 or bf16 (computation stays f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -122,7 +127,7 @@ enum OrtOpt {
 }
 
 /// How the graph backends run (tract and ONNX Runtime); shared by the subcommands that run graphs.
-#[derive(Args, Clone, Copy, Debug, Default)]
+#[derive(Args, Clone, Debug, Default)]
 struct RuntimeArgs {
     /// Threads inside one operator: tract's thread pool (default 1) and ONNX Runtime's intra-op
     /// pool (default: its own, one per physical core).
@@ -220,6 +225,23 @@ fn compiled_backend(b: Backend, command: &str) -> Result<BackendKind> {
     }
 }
 
+#[derive(Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    bench: cli::bench::BenchArgs,
+    #[arg(long, value_enum, default_value_t = Backend::Tract)]
+    backend: Backend,
+    #[command(flatten)]
+    fam: FamArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn bench(c: BenchCmd) -> Result<()> {
+    let kind = compiled_backend(c.backend, "bench")?;
+    cli::bench::run(c.bench, c.fam.into(), kind, &c.runtime.to_run_options())
+}
+
 fn generate(c: GenerateCmd) -> Result<()> {
     let kind = compiled_backend(c.backend, "generate")?;
     cli::generate::run(c.generate, c.fam.into(), kind, &c.runtime.to_run_options())
@@ -312,6 +334,7 @@ fn export(args: ExportArgs) -> Result<()> {
     note_zero_prompt(&ck, &fam);
     let opts = famc::export::ExportOptions {
         external_threshold: args.external_threshold,
+        dtype: args.dtype.parse()?,
     };
     let m = famc::export::export(&ck, fam, &args.out, &opts)?;
     eprintln!(
@@ -404,6 +427,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Score(c) => score(c),
         Command::Generate(c) => generate(c),
+        Command::Bench(c) => bench(c),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Doctor(a) => doctor(a),

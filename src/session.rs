@@ -94,7 +94,12 @@ impl FamModel {
         tempdir: Option<tempfile::TempDir>,
     ) -> Result<Self> {
         let manifest = export.manifest.clone();
-        let block = open_graph(backend, &export.block_path(), opts)?;
+        // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
+        let block_opts = opts
+            .clone()
+            .with_fixed_dim("batch", 1)
+            .with_fixed_dim("T", manifest.fam.block_len);
+        let block = open_graph(backend, &export.block_path(), &block_opts)?;
         let mut init_outputs = Vec::new();
         if let Some(init_path) = export.init_path() {
             let mut init = open_graph(backend, &init_path, opts)?;

@@ -23,7 +23,7 @@ const HINT: &str = "emission changed; if intended, run graphs/regen.sh and revie
 fn check_golden(name: &str, p: FamParams) {
     let dir = case_dir(name);
     let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
-    let compiled = export::compile(&ck, p).unwrap();
+    let compiled = export::compile(&ck, p, export::WeightDtype::F32).unwrap();
     for (file, g) in compiled.graphs() {
         assert!(
             encode_model(g) == std::fs::read(dir.join(file)).unwrap(),

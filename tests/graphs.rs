@@ -213,8 +213,8 @@ fn emission_is_deterministic() {
     };
     let (_tmp, dir, _) = temp_checkpoint(&spec);
     let ck = Checkpoint::load(&dir).unwrap();
-    let a = export::compile(&ck, params(4, 2, 1)).unwrap();
-    let b = export::compile(&ck, params(4, 2, 1)).unwrap();
+    let a = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32).unwrap();
+    let b = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32).unwrap();
     assert_eq!(
         famc::builder::encode_model(&a.block),
         famc::builder::encode_model(&b.block)
@@ -263,6 +263,7 @@ fn external_data_exports_and_runs() {
         &out,
         &ExportOptions {
             external_threshold: 256,
+            ..ExportOptions::default()
         },
     )
     .unwrap();

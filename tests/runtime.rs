@@ -286,9 +286,9 @@ fn tract_multithreaded_matches_numpy() {
     }
 }
 
-/// The FAM block graph of the golden tiny-fam export (L = 16), planned for T = L and
-/// symbolically, on one and two threads: full blocks and a tail block give the same outputs
-/// on every runner, and each run goes to the plan its T calls for.
+/// The FAM block graph of the golden tiny-fam export (L = 16), planned symbolically, for T = L
+/// and for batch = 2 and T = L, on one and two threads: full blocks and a tail block give the
+/// same outputs on every runner, and each run goes to the plan its T calls for.
 #[test]
 fn tract_block_graph_fixed_t_matches_symbolic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/tiny-fam");
@@ -309,6 +309,17 @@ fn tract_block_graph_fixed_t_matches_symbolic() {
         runners.push((
             format!("T = {l}, {threads} thread(s)"),
             TractRunner::open(&block, &base.clone().with_fixed_dim("T", l)).unwrap(),
+        ));
+        runners.push((
+            format!("batch = 2, T = {l}, {threads} thread(s)"),
+            TractRunner::open(
+                &block,
+                &base
+                    .clone()
+                    .with_fixed_dim("batch", 2)
+                    .with_fixed_dim("T", l),
+            )
+            .unwrap(),
         ));
     }
     let specs = runners[0].1.input_specs().to_vec();

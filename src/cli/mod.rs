@@ -1,4 +1,5 @@
 //! Subcommands of the `famc` binary that live outside main.rs.
 
+pub mod bench;
 pub mod generate;
 pub mod score;

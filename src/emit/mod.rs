@@ -62,6 +62,46 @@ pub struct EmitSpec<'a> {
     pub config: &'a ModelConfig,
     pub weights: &'a LlamaWeights,
     pub fam: FamParams,
+    /// How weight matrices are stored; computation is f32 whatever this is.
+    pub weight_dtype: WeightDtype,
+}
+
+/// Element type of the stored weight matrices (embedding, projections, MLP, output head).
+///
+/// Half-precision matrices are cast to f32 where they are used, so RMSNorm statistics, softmax,
+/// residual sums and logits stay f32; ONNX Runtime folds those casts when it loads the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDtype {
+    /// `f32`, `f16` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(WeightDtype::F32),
+            "f16" => Ok(WeightDtype::F16),
+            "bf16" => Ok(WeightDtype::BF16),
+            other => Err(crate::Error::Input(format!(
+                "unknown dtype `{other}` (f32, f16 or bf16)"
+            ))),
+        }
+    }
 }
 
 fn sym(name: &str) -> Dim {
@@ -72,12 +112,48 @@ fn fixed(n: usize) -> Dim {
     Dim::Fixed(n as i64)
 }
 
-/// The transposed matrix [in, out] as an initializer, so that `x · Wᵀ` is one MatMul.
-fn weight_t(b: &mut GraphBuilder, name: &str, w: &Array2<f32>) -> Result<Value> {
+/// A weight matrix initializer in `dtype`, as stored (not cast).
+fn store_matrix(
+    b: &mut GraphBuilder,
+    name: &str,
+    data: &[f32],
+    dims: [i64; 2],
+    dtype: WeightDtype,
+) -> Result<Value> {
+    let t = match dtype {
+        WeightDtype::F32 => TensorData::from_f32(data, &dims),
+        WeightDtype::F16 => {
+            let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            TensorData::from_f16(&h, &dims)
+        }
+        WeightDtype::BF16 => {
+            let h: Vec<half::bf16> = data.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            TensorData::from_bf16(&h, &dims)
+        }
+    };
+    Ok(b.weight(name, t)?)
+}
+
+/// `x` as f32 (no node when it already is).
+fn to_f32(b: &mut GraphBuilder, x: Value) -> Value {
+    if x.dtype == DType::F32 {
+        x
+    } else {
+        b.cast(&x, DType::F32)
+    }
+}
+
+/// The transposed matrix [in, out] as an f32 value, so that `x · Wᵀ` is one MatMul.
+fn weight_t(
+    b: &mut GraphBuilder,
+    name: &str,
+    w: &Array2<f32>,
+    dtype: WeightDtype,
+) -> Result<Value> {
     let t = w.t();
     let data: Vec<f32> = t.iter().copied().collect();
-    let dims = [t.nrows() as i64, t.ncols() as i64];
-    Ok(b.weight(name, TensorData::from_f32(&data, &dims))?)
+    let stored = store_matrix(b, name, &data, [t.nrows() as i64, t.ncols() as i64], dtype)?;
+    Ok(to_f32(b, stored))
 }
 
 fn weight_vec(b: &mut GraphBuilder, name: &str, v: &ndarray::Array1<f32>) -> Result<Value> {
@@ -161,7 +237,7 @@ impl<'a> Emitter<'a> {
         w: &Array2<f32>,
         bias: Option<&ndarray::Array1<f32>>,
     ) -> Result<Value> {
-        let wt = weight_t(b, &format!("{name}.weight"), w)?;
+        let wt = weight_t(b, &format!("{name}.weight"), w, self.spec.weight_dtype)?;
         let y = b.matmul(x, &wt);
         Ok(match bias {
             Some(bias) => {
@@ -281,11 +357,16 @@ impl<'a> Emitter<'a> {
         let w = self.spec.weights;
         let (v, d) = w.embed_tokens.dim();
         let data: Vec<f32> = w.embed_tokens.iter().copied().collect();
-        let embed = b.weight(
+        // gather before the cast, so only the block's rows are converted
+        let embed = store_matrix(
+            b,
             "embed_tokens.weight",
-            TensorData::from_f32(&data, &[v as i64, d as i64]),
+            &data,
+            [v as i64, d as i64],
+            self.spec.weight_dtype,
         )?;
-        Ok(b.gather(&embed, ids, 0))
+        let rows = b.gather(&embed, ids, 0);
+        Ok(to_f32(b, rows))
     }
 }
 

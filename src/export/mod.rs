@@ -7,6 +7,7 @@ pub use manifest::{GraphFiles, Manifest, ModelDims, StateTensor, FORMAT_VERSION,
 use std::path::{Path, PathBuf};
 
 use crate::builder::{load_model, save_model};
+pub use crate::emit::WeightDtype;
 use crate::emit::{self, names, EmitSpec};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
@@ -30,12 +31,15 @@ pub const FAM_KV_FILE: &str = "fam_kv.onnx";
 pub struct ExportOptions {
     /// Initializers of more bytes than this are written as external data.
     pub external_threshold: usize,
+    /// How weight matrices are stored.
+    pub dtype: WeightDtype,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
             external_threshold: DEFAULT_EXTERNAL_THRESHOLD,
+            dtype: WeightDtype::F32,
         }
     }
 }
@@ -96,7 +100,7 @@ pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
 }
 
 /// Emits the graphs and the manifest of `ck` with FAM parameters `fam`.
-pub fn compile(ck: &Checkpoint, fam: FamParams) -> Result<Compiled> {
+pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
     fam.validate()?;
     let c = &ck.config;
     let manifest = Manifest {
@@ -114,7 +118,7 @@ pub fn compile(ck: &Checkpoint, fam: FamParams) -> Result<Compiled> {
             rope_theta: c.rope_theta,
             rms_norm_eps: c.rms_norm_eps,
         },
-        dtype: "f32".into(),
+        dtype: dtype.name().into(),
         opset: DEFAULT_OPSET,
         ir_version: IR_VERSION,
         checkpoint_sha256: ck.hash.clone(),
@@ -130,6 +134,7 @@ pub fn compile(ck: &Checkpoint, fam: FamParams) -> Result<Compiled> {
         config: c,
         weights: &ck.weights,
         fam,
+        weight_dtype: dtype,
     };
     let mut block = emit::block_graph(&spec)?;
     let mut init = if fam.fam_len > 0 {
@@ -215,7 +220,7 @@ pub fn export(
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    let compiled = compile(ck, fam)?;
+    let compiled = compile(ck, fam, opts.dtype)?;
     write(&compiled, dir, opts)?;
     Ok(compiled.manifest)
 }

@@ -1,6 +1,7 @@
 //! Llama-family checkpoints: configuration and weights.
 
 mod config;
+pub mod synthetic;
 mod weights;
 
 pub use config::{config_path, FamDefaults, FamParams, ModelConfig, RawConfig};

@@ -229,12 +229,12 @@ pub struct RunOptions {
     pub inter_threads: Option<usize>,
     /// ONNX Runtime's graph optimisation level (its default: all).
     pub ort_optimization: Option<OrtOptLevel>,
-    /// Symbolic dimensions to plan for at a fixed size as well, e.g. `("T", L)` for the block
-    /// graph (tract only; ONNX Runtime ignores it). tract then builds two plans, the symbolic one
-    /// and one with these symbols concretised, and runs each call whose input shapes give every
-    /// listed symbol its listed size on the latter (at the cost of optimising twice and holding
-    /// two plans). Symbols that no graph input names are ignored, so one `RunOptions` serves
-    /// graphs with and without them.
+    /// Symbolic dimensions to plan for at a fixed size as well, e.g. `[("batch", 1), ("T", L)]`
+    /// for the block graph run on one stream (tract only; ONNX Runtime ignores it). tract then
+    /// builds two plans, the symbolic one and one with these symbols concretised, and runs each
+    /// call whose input shapes give every listed symbol its listed size on the latter (at the cost
+    /// of optimising twice and holding two plans). Symbols that no graph input names are ignored,
+    /// so one `RunOptions` serves graphs with and without them. See [`tract`] for what pays.
     pub fixed_dims: Vec<(String, usize)>,
 }
 

@@ -5,10 +5,12 @@
 //! dimensions (`batch`, `T`) left symbolic: each run binds the symbols from the input shapes, so
 //! one runner accepts any batch and T.
 //!
-//! [`RunOptions::fixed_dims`] asks for a second plan, optimised with some symbols concretised
-//! (`T = L` for the block graph: full blocks are the common case, and tract plans a fixed shape
-//! better than a symbolic one). A run whose input shapes give those symbols exactly those values
-//! goes to the specialised plan; any other run (the tail block) goes to the symbolic plan.
+//! [`RunOptions::fixed_dims`] asks for a second plan, optimised with some symbols concretised. A
+//! run whose input shapes give those symbols exactly those values goes to the specialised plan;
+//! any other run (the tail block, another batch size) goes to the symbolic plan. For the FAM
+//! block graph, full blocks are the common case, but `T = L` alone gains nothing with tract 0.23
+//! (it splits the matrix products at the FAM/token concatenation instead); `batch = 1, T = L`
+//! (one stream) runs a full block in about two thirds of the time (`tests/tract_bench.rs`).
 //!
 //! [`RunOptions::intra_threads`] above 1 runs the plans on a rayon pool of that many threads
 //! (tract-linalg's `multithread-mm`: matrix products, element-wise, reductions, softmax and
@@ -109,9 +111,12 @@ impl TractRunner {
                 "fixed dimension `{name}` = 0: a fixed size must be at least 1"
             )));
         }
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| err("cannot load the ONNX graph", e))?;
+        let model = match widened_bf16(path)? {
+            // tract has no bfloat16: such graphs are loaded with those weights widened to f32
+            Some(bytes) => tract_onnx::onnx().model_for_read(&mut bytes.as_slice()),
+            None => tract_onnx::onnx().model_for_path(path),
+        }
+        .map_err(|e| err("cannot load the ONNX graph", e))?;
 
         let input_outlets = model
             .input_outlets()
@@ -351,4 +356,41 @@ fn dim(d: &TDim) -> Dim {
         TDim::Sym(s) => Dim::Named(s.to_string()),
         _ => Dim::Any,
     }
+}
+
+/// When the graph at `path` stores bfloat16 initializers, its bytes with them widened to f32
+/// (exact: every bfloat16 is an f32) and external data read in; `None` otherwise.
+fn widened_bf16(path: &Path) -> Result<Option<Vec<u8>>> {
+    use crate::onnx::tensor_proto::DataType;
+    use prost::Message;
+    let bytes = std::fs::read(path)
+        .map_err(|e| backend_error(KIND, path, format!("cannot read the graph: {e}")))?;
+    let Ok(model) = crate::onnx::ModelProto::decode(bytes.as_slice()) else {
+        return Ok(None);
+    };
+    let bf16 = DataType::Bfloat16 as i32;
+    let has_bf16 = model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.initializer.iter().any(|t| t.data_type == bf16));
+    if !has_bf16 {
+        return Ok(None);
+    }
+    let mut model =
+        crate::builder::load_model(path).map_err(|e| backend_error(KIND, path, e.to_string()))?;
+    if let Some(g) = model.graph.as_mut() {
+        for t in g.initializer.iter_mut().filter(|t| t.data_type == bf16) {
+            let raw = std::mem::take(&mut t.raw_data);
+            t.raw_data = raw
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    half::bf16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect();
+            t.data_type = DataType::Float as i32;
+        }
+    }
+    Ok(Some(crate::builder::encode_model(&model)))
 }

@@ -1,0 +1,151 @@
+//! `famc bench`: throughput, latency and memory of a model, against the backend's matmul speed.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use famc::bench::{bench_model, flops_per_token, matmul_gflops, presets};
+use famc::model::{Checkpoint, FamDefaults, FamParams};
+use famc::runtime::{BackendKind, RunOptions};
+use famc::session::FamModel;
+
+/// Arguments of `famc bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// An export or checkpoint directory (or use --preset).
+    #[arg(required_unless_present = "preset", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A random-weight model of realistic shape: tiny, 25m, 110m or 350m.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Prefill length in tokens (default: 4 blocks).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Tokens decoded after the prefill.
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Timed runs; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Run the same weights as FAM, as BSWA (F = 0) and as plain causal attention (F = 0 with
+    /// memory covering the input).
+    #[arg(long)]
+    pub compare: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs `famc bench`.
+pub fn run(
+    args: BenchArgs,
+    fam: FamDefaults,
+    backend: BackendKind,
+    opts: &RunOptions,
+) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let _tmp;
+    let (ck_dir, preset_spec, preset_fam) = match &args.preset {
+        Some(name) => {
+            let Some(p) = presets().into_iter().find(|p| p.name == name.as_str()) else {
+                bail!("unknown preset `{name}` (tiny, 25m, 110m, 350m)");
+            };
+            let dir = tempfile::tempdir()?;
+            famc::model::synthetic::write_checkpoint(dir.path(), &p.spec)?;
+            let path = dir.path().to_path_buf();
+            _tmp = dir;
+            let fp = FamParams {
+                block_len: p.block_len,
+                fam_len: p.fam_len,
+                mem_blocks: p.mem_blocks,
+            };
+            (Some(path), Some(p.spec), Some(fp))
+        }
+        None => {
+            let m = args.model.clone().expect("clap requires one");
+            if m.join(famc::export::MANIFEST_FILE).exists() {
+                (None, None, None)
+            } else {
+                (Some(m), None, None)
+            }
+        }
+    };
+    let mut configs: Vec<(String, FamModel)> = Vec::new();
+    match &ck_dir {
+        Some(dir) => {
+            let ck = Checkpoint::load(dir)?;
+            let base = match preset_fam {
+                Some(p) => FamParams {
+                    block_len: fam.block_len.unwrap_or(p.block_len),
+                    fam_len: fam.fam_len.unwrap_or(p.fam_len),
+                    mem_blocks: fam.mem_blocks.unwrap_or(p.mem_blocks),
+                },
+                None => ck.fam_params(fam)?,
+            };
+            let tokens = args.tokens.unwrap_or(4 * base.block_len);
+            configs.push(("fam".into(), FamModel::compile(&ck, base, backend, opts)?));
+            if args.compare {
+                let bswa = FamParams { fam_len: 0, ..base };
+                let causal = FamParams {
+                    fam_len: 0,
+                    mem_blocks: tokens.div_ceil(base.block_len),
+                    ..base
+                };
+                configs.push(("bswa".into(), FamModel::compile(&ck, bswa, backend, opts)?));
+                configs.push((
+                    "causal".into(),
+                    FamModel::compile(&ck, causal, backend, opts)?,
+                ));
+            }
+        }
+        None => {
+            if args.compare {
+                bail!("--compare needs a checkpoint or a preset: an export's FAM parameters are fixed");
+            }
+            let m = FamModel::open(args.model.as_ref().expect("checked"), backend, opts)?;
+            configs.push(("fam".into(), m));
+        }
+    }
+    let gflops = matmul_gflops(backend, opts, 512, args.runs.max(5))?;
+    eprintln!(
+        "{} f32 matmul 512x512x512: {gflops:.1} GFLOP/s (median)",
+        backend.name()
+    );
+    let mut results = Vec::new();
+    for (name, model) in &configs {
+        let tokens = args.tokens.unwrap_or(4 * model.fam_params().block_len);
+        let r = bench_model(model, tokens, args.decode_tokens, args.runs)?;
+        let p = model.fam_params();
+        let fraction = preset_spec.as_ref().map(|s| {
+            let keys = p.mem_len() + p.fam_len + p.block_len / 2;
+            r.prefill_tokens_per_s * flops_per_token(s, keys) / 1e9 / gflops
+        });
+        println!(
+            "{name:<7} L={:<5} F={:<3} M={:<3} prefill {:>9.1} tok/s  {:>8.2} ms/block  decode {:>8.1} tok/s  peak RSS {:>7.1} MiB{}",
+            p.block_len,
+            p.fam_len,
+            p.mem_blocks,
+            r.prefill_tokens_per_s,
+            r.ms_per_block,
+            r.decode_tokens_per_s,
+            r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
+            fraction.map_or(String::new(), |f| format!("  {:.1}% of matmul peak", 100.0 * f)),
+        );
+        results
+            .push(serde_json::json!({"config": name, "report": r, "fraction_of_matmul": fraction}));
+    }
+    if let Some(path) = &args.json {
+        let j = serde_json::json!({
+            "preset": args.preset,
+            "parameters": preset_spec.as_ref().map(|s| s.parameters()),
+            "matmul_gflops": gflops,
+            "results": results,
+        });
+        let text = serde_json::to_string_pretty(&j)?;
+        famc::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
+    }
+    Ok(())
+}
