@@ -212,3 +212,99 @@ pub fn flops_per_token(spec: &SyntheticSpec, keys: usize) -> f64 {
         + 2.0 * spec.vocab_size as f64 * d
         + 4.0 * spec.num_layers as f64 * d * keys as f64
 }
+
+/// One point of a length sweep: a configuration at an input length, measured in its own process.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SweepPoint {
+    pub backend: String,
+    pub config: String,
+    pub tokens: usize,
+    /// Prefill time per token, microseconds (median of runs).
+    pub us_per_token: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Plots time per token and peak RSS against input length, one line per backend and
+/// configuration, as an SVG file (written atomically).
+pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let plot_err = |e: String| crate::Error::Write {
+        path: path.to_path_buf(),
+        message: format!("cannot draw the plot: {e}"),
+    };
+    let mut series: Vec<(String, Vec<&SweepPoint>)> = Vec::new();
+    for p in points {
+        let key = format!("{} {}", p.backend, p.config);
+        match series.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(p),
+            None => series.push((key, vec![p])),
+        }
+    }
+    let x_max = points.iter().map(|p| p.tokens as f64).fold(1.0, f64::max) * 1.3;
+    let x_min = points
+        .iter()
+        .map(|p| p.tokens as f64)
+        .fold(f64::INFINITY, f64::min)
+        / 1.3;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+        let root = root
+            .titled(title, ("sans-serif", 18))
+            .map_err(|e| plot_err(e.to_string()))?;
+        let (left, right) = root.split_horizontally(500);
+        let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+        type Pick = fn(&SweepPoint) -> f64;
+        let panels: [(&DrawingArea<SVGBackend, plotters::coord::Shift>, &str, Pick); 2] = [
+            (&left, "prefill time per token (µs)", |p| p.us_per_token),
+            (&right, "peak RSS (MiB)", |p| p.peak_rss_mib),
+        ];
+        for (area, label, pick) in panels {
+            let y_max = points.iter().map(pick).fold(0.0, f64::max) * 1.15;
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_max.max(1e-9))
+                .map_err(|e| plot_err(e.to_string()))?;
+            chart
+                .configure_mesh()
+                .light_line_style(WHITE)
+                .x_labels(6)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .x_desc("input length (tokens)")
+                .y_desc(label)
+                .draw()
+                .map_err(|e| plot_err(e.to_string()))?;
+            for (i, (key, pts)) in series.iter().enumerate() {
+                let color = palette[i % palette.len()];
+                let data: Vec<(f64, f64)> =
+                    pts.iter().map(|p| (p.tokens as f64, pick(p))).collect();
+                chart
+                    .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+                    .map_err(|e| plot_err(e.to_string()))?
+                    .label(key.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(
+                        data.into_iter()
+                            .map(|xy| Circle::new(xy, 3, color.filled())),
+                    )
+                    .map_err(|e| plot_err(e.to_string()))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(|e| plot_err(e.to_string()))?;
+        }
+        root.present().map_err(|e| plot_err(e.to_string()))?;
+    }
+    crate::io::write_atomic(path, |w| w.write_all(svg.as_bytes()))
+}

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::runtime::ep::{self, EpKind};
 use crate::runtime::ort::{self as ort_rt, ORT_DYLIB_ENV, ORT_MIN_VERSION};
 use crate::Error;
 
@@ -19,7 +20,8 @@ pub const TRACT_VERSION: &str = "0.23.9";
 /// `tests/doctor.rs` against `Cargo.lock`).
 pub const ORT_CRATE_VERSION: &str = "2.0.0-rc.15";
 
-/// The execution provider every famc ONNX Runtime session runs on: famc registers no other.
+/// The execution provider famc's ONNX Runtime sessions run on by default (`--ep cpu`); `--ep
+/// cuda|tensorrt` registers a GPU provider instead (see [`GpuProviderReport`]).
 pub const SESSION_PROVIDER: &str = "CPUExecutionProvider";
 
 /// What `famc doctor` found.
@@ -66,12 +68,91 @@ pub struct OrtReport {
     pub build_info: Option<String>,
     /// The execution providers the library was built with (`GetAvailableProviders`).
     pub execution_providers: Vec<String>,
-    /// The provider famc's sessions use.
+    /// The provider famc's sessions use by default (`--ep cpu`).
     pub session_provider: String,
+    /// The GPU providers `--ep` can ask for: whether the library offers them and famc was built
+    /// for them.
+    pub gpu_providers: Vec<GpuProviderReport>,
     /// Why ONNX Runtime is not available (or why a query failed), when it is not.
     pub error: Option<String>,
     /// How to fix it, when it is not available.
     pub fix: Option<String>,
+}
+
+/// A GPU execution provider (`--ep cuda`, `--ep tensorrt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuProviderReport {
+    /// The `--ep` value: `cuda` or `tensorrt`.
+    pub ep: String,
+    /// ONNX Runtime's names of the providers it registers, in order (TensorRT runs what it
+    /// does not take on CUDA).
+    pub providers: Vec<String>,
+    /// Whether the ONNX Runtime library offers all of them (`GetAvailableProviders`).
+    pub in_library: bool,
+    /// The cargo features famc needs for it.
+    pub features: Vec<String>,
+    /// Whether this famc was built with them.
+    pub compiled: bool,
+    /// Whether registering it on a session builder succeeded (its libraries load), when the
+    /// library offers it and famc was built for it; `None` when not tried.
+    pub registers: Option<bool>,
+    /// What is missing or failed, and how to fix it.
+    pub problem: Option<String>,
+}
+
+fn gpu_reports(offered: Option<&[String]>) -> Vec<GpuProviderReport> {
+    [EpKind::Cuda, EpKind::TensorRt]
+        .into_iter()
+        .map(|kind| {
+            let providers: Vec<String> = kind
+                .required_providers()
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            let in_library =
+                offered.is_some_and(|o| providers.iter().all(|p| o.iter().any(|x| x == p)));
+            let compiled = ep::compiled_with(kind);
+            let mut report = GpuProviderReport {
+                ep: kind.name().to_string(),
+                providers,
+                in_library,
+                features: kind
+                    .required_features()
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect(),
+                compiled,
+                registers: None,
+                problem: None,
+            };
+            if offered.is_none() {
+                return report;
+            }
+            if !in_library {
+                report.problem = Some(format!(
+                    "this ONNX Runtime has no {}; to fix: {}",
+                    kind.provider_name(),
+                    ep::GPU_ORT_HINT
+                ));
+            } else if !compiled {
+                report.problem = Some(format!(
+                    "famc was built without the cargo feature(s) {}; to fix: rebuild with \
+                     `cargo build --release --features {}`",
+                    report.features.join(", "),
+                    report.features.join(",")
+                ));
+            } else {
+                match ort_rt::try_register(kind, false) {
+                    Ok(()) => report.registers = Some(true),
+                    Err(e) => {
+                        report.registers = Some(false);
+                        report.problem = Some(split_fix(&e).0);
+                    }
+                }
+            }
+            report
+        })
+        .collect()
 }
 
 /// Checks the backends. Initialises ONNX Runtime when it can be found (as `--backend ort`
@@ -112,6 +193,7 @@ fn ort_report() -> OrtReport {
         build_info: None,
         execution_providers: Vec::new(),
         session_provider: SESSION_PROVIDER.to_string(),
+        gpu_providers: gpu_reports(None),
         error: None,
         fix: None,
     };
@@ -130,7 +212,10 @@ fn ort_report() -> OrtReport {
     report.version = Some(library.version.clone());
     report.build_info = ort_rt::build_info().ok();
     match ort_rt::available_providers() {
-        Ok(p) => report.execution_providers = p,
+        Ok(p) => {
+            report.gpu_providers = gpu_reports(Some(&p));
+            report.execution_providers = p;
+        }
         Err(e) => report.error = Some(split_fix(&e).0),
     }
     report
@@ -228,7 +313,35 @@ impl fmt::Display for DoctorReport {
                     o.execution_providers.join(", ")
                 }
             )?;
-            writeln!(f, "  famc sessions use: {}", o.session_provider)?;
+            writeln!(
+                f,
+                "  famc sessions use: {} (--ep cpu, the default)",
+                o.session_provider
+            )?;
+            writeln!(f, "  GPU execution providers:")?;
+            for g in &o.gpu_providers {
+                let features = g
+                    .features
+                    .iter()
+                    .map(|x| format!("`{x}`"))
+                    .collect::<Vec<_>>()
+                    .join(" + ");
+                write!(
+                    f,
+                    "    --ep {:<8} ({}): in the library: {}; famc built with {features}: {}",
+                    g.ep,
+                    g.providers.join(" + "),
+                    yes_no(g.in_library),
+                    yes_no(g.compiled)
+                )?;
+                if let Some(r) = g.registers {
+                    write!(f, "; registers: {}", yes_no(r))?;
+                }
+                writeln!(f)?;
+                if let Some(p) = &g.problem {
+                    writeln!(f, "      {}", p.replace('\n', "\n      "))?;
+                }
+            }
         }
         if let Some(error) = &o.error {
             writeln!(f, "  problem: {}", error.replace('\n', "\n    "))?;

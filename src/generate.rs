@@ -4,6 +4,7 @@
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 use crate::runtime::{open_graph, GraphRunner, Tensor};
 use crate::session::{FamModel, StreamState};
 
@@ -35,20 +36,6 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation ends when one of these is chosen; it is not yielded.
     pub stop_tokens: Vec<u32>,
-}
-
-/// SplitMix64: a small, well-mixed generator, so a seed gives the same tokens everywhere.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Chooses tokens from logits.
@@ -86,7 +73,7 @@ impl Sampler {
         };
         Ok(Sampler {
             sampling,
-            rng: SplitMix64(seed),
+            rng: SplitMix64::new(seed),
         })
     }
 

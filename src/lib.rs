@@ -19,6 +19,7 @@ pub mod io;
 pub mod model;
 pub mod onnx;
 pub mod reference;
+pub mod rng;
 pub mod runtime;
 pub mod session;
 pub mod snapshot;

@@ -29,11 +29,11 @@ enum Command {
     /// Run a model over token ids block by block and write the logits as a float32 .npy [T, V].
     Run(RunArgs),
     /// Stream input of any length through a model: mean negative log-likelihood and perplexity.
-    Score(ScoreCmd),
+    Score(Compiled<cli::score::ScoreArgs>),
     /// Generate tokens after a prompt, across block boundaries, with the decode graph.
-    Generate(GenerateCmd),
+    Generate(Compiled<cli::generate::GenerateArgs>),
     /// Measure prefill and decode throughput, latency per block and peak memory.
-    Bench(BenchCmd),
+    Bench(Compiled<cli::bench::BenchArgs>),
     /// Compile a checkpoint into ONNX graphs with explicit FAM state (docs/graph-contract.md).
     Export(ExportArgs),
     /// Show the inputs, outputs, ops, weights and FAM parameters of an export or an .onnx file.
@@ -139,11 +139,57 @@ struct RuntimeArgs {
     /// ONNX Runtime's graph optimisation level (default: all).
     #[arg(long, value_enum, value_name = "LEVEL")]
     ort_opt_level: Option<OrtOpt>,
+    /// ONNX Runtime execution provider (--backend ort). cuda and tensorrt need famc built with
+    /// `--features cuda` / `--features cuda,tensorrt` and onnxruntime-gpu; one that cannot be
+    /// registered is an error, never a silent CPU run.
+    #[arg(long, value_enum, value_name = "EP", default_value_t = Ep::Cpu)]
+    ep: Ep,
+    /// The GPU to run on (CUDA device ordinal; default 0).
+    #[arg(long, value_name = "N")]
+    device_id: Option<u32>,
+    /// TensorRT may use float16 kernels (--ep tensorrt).
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT may use bfloat16 kernels (--ep tensorrt).
+    #[arg(long)]
+    trt_bf16: bool,
+    /// Keep TensorRT engines and its timing cache here, one subdirectory per graph, ONNX
+    /// Runtime and TensorRT version (--ep tensorrt).
+    #[arg(long, value_name = "DIR")]
+    trt_cache_dir: Option<PathBuf>,
+    /// The largest batch (streams per call) a TensorRT engine is built for (--ep tensorrt).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch: u32,
+}
+
+/// ONNX Runtime execution provider.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum Ep {
+    /// ONNX Runtime's CPU provider.
+    #[default]
+    Cpu,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// NVIDIA TensorRT (nodes it does not take run on CUDA).
+    #[value(alias = "trt")]
+    Tensorrt,
 }
 
 impl RuntimeArgs {
     fn to_run_options(&self) -> RunOptions {
         RunOptions {
+            ep: famc::runtime::EpConfig {
+                kind: match self.ep {
+                    Ep::Cpu => famc::runtime::EpKind::Cpu,
+                    Ep::Cuda => famc::runtime::EpKind::Cuda,
+                    Ep::Tensorrt => famc::runtime::EpKind::TensorRt,
+                },
+                device_id: self.device_id,
+                trt_fp16: self.trt_fp16,
+                trt_bf16: self.trt_bf16,
+                trt_cache_dir: self.trt_cache_dir.clone(),
+                max_batch: self.max_batch as usize,
+            },
             intra_threads: self.threads.map(|n| n as usize),
             inter_threads: self.inter_threads.map(|n| n as usize),
             ort_optimization: self.ort_opt_level.map(|l| match l {
@@ -191,10 +237,11 @@ impl From<FamArgs> for FamDefaults {
     }
 }
 
+/// A subcommand that runs compiled graphs: its own arguments plus backend, FAM and runtime flags.
 #[derive(Args)]
-struct ScoreCmd {
+struct Compiled<T: Args> {
     #[command(flatten)]
-    score: cli::score::ScoreArgs,
+    args: T,
     #[arg(long, value_enum, default_value_t = Backend::Tract)]
     backend: Backend,
     #[command(flatten)]
@@ -203,53 +250,26 @@ struct ScoreCmd {
     runtime: RuntimeArgs,
 }
 
-#[derive(Args)]
-struct GenerateCmd {
-    #[command(flatten)]
-    generate: cli::generate::GenerateArgs,
-    #[arg(long, value_enum, default_value_t = Backend::Tract)]
-    backend: Backend,
-    #[command(flatten)]
-    fam: FamArgs,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-fn compiled_backend(b: Backend, command: &str) -> Result<BackendKind> {
-    match b {
-        Backend::Tract => Ok(BackendKind::Tract),
-        Backend::Ort => Ok(BackendKind::Ort),
-        Backend::Reference => {
-            bail!("famc {command} runs compiled graphs: use --backend tract or ort")
-        }
+impl<T: Args> Compiled<T> {
+    fn run(
+        self,
+        command: &str,
+        f: impl FnOnce(T, FamDefaults, BackendKind, &RunOptions) -> Result<()>,
+    ) -> Result<()> {
+        let kind = match self.backend {
+            Backend::Tract => BackendKind::Tract,
+            Backend::Ort => BackendKind::Ort,
+            Backend::Reference => {
+                bail!("famc {command} runs compiled graphs: use --backend tract or ort")
+            }
+        };
+        f(
+            self.args,
+            self.fam.into(),
+            kind,
+            &self.runtime.to_run_options(),
+        )
     }
-}
-
-#[derive(Args)]
-struct BenchCmd {
-    #[command(flatten)]
-    bench: cli::bench::BenchArgs,
-    #[arg(long, value_enum, default_value_t = Backend::Tract)]
-    backend: Backend,
-    #[command(flatten)]
-    fam: FamArgs,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-fn bench(c: BenchCmd) -> Result<()> {
-    let kind = compiled_backend(c.backend, "bench")?;
-    cli::bench::run(c.bench, c.fam.into(), kind, &c.runtime.to_run_options())
-}
-
-fn generate(c: GenerateCmd) -> Result<()> {
-    let kind = compiled_backend(c.backend, "generate")?;
-    cli::generate::run(c.generate, c.fam.into(), kind, &c.runtime.to_run_options())
-}
-
-fn score(c: ScoreCmd) -> Result<()> {
-    let kind = compiled_backend(c.backend, "score")?;
-    cli::score::score(c.score, c.fam.into(), kind, &c.runtime.to_run_options())
 }
 
 #[derive(Args)]
@@ -425,9 +445,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
-        Command::Score(c) => score(c),
-        Command::Generate(c) => generate(c),
-        Command::Bench(c) => bench(c),
+        Command::Score(c) => c.run("score", cli::score::score),
+        Command::Generate(c) => c.run("generate", cli::generate::run),
+        Command::Bench(c) => c.run("bench", cli::bench::run),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Doctor(a) => doctor(a),

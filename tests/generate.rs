@@ -135,19 +135,6 @@ fn the_loop_on_a_fake_model() {
     .is_err());
 }
 
-fn backends() -> Vec<BackendKind> {
-    let mut v = vec![BackendKind::Tract];
-    if famc::runtime::ort::find_ort_library().is_ok() {
-        v.push(BackendKind::Ort);
-    } else {
-        assert!(
-            std::env::var_os("FAMC_REQUIRE_ORT").is_none(),
-            "ONNX Runtime required"
-        );
-    }
-    v
-}
-
 fn argmax(row: ndarray::ArrayView1<f64>) -> u32 {
     row.iter()
         .enumerate()
@@ -287,13 +274,6 @@ fn a_prompt_of_many_blocks_then_generation() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(got, want[prompt.len()..]);
-}
-
-fn famc(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_famc"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn ids_of(o: &std::process::Output) -> Vec<u32> {

@@ -17,29 +17,6 @@ fn params(l: usize, f: usize, m: usize) -> FamParams {
     }
 }
 
-fn backends() -> Vec<BackendKind> {
-    let mut v = vec![BackendKind::Tract];
-    if ort_available() {
-        v.push(BackendKind::Ort);
-    }
-    v
-}
-
-/// ONNX Runtime runs wherever its library is found; CI installs it and sets FAMC_REQUIRE_PYTHON.
-fn ort_available() -> bool {
-    match famc::runtime::ort::find_ort_library() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("FAMC_REQUIRE_PYTHON").is_none(),
-                "ONNX Runtime required but missing: {e}"
-            );
-            eprintln!("skipping ONNX Runtime: {e}");
-            false
-        }
-    }
-}
-
 fn check_case(spec: Spec, p: FamParams, len: usize) {
     let (_tmp, dir, _) = temp_checkpoint(&spec);
     let ck = Checkpoint::load(&dir).unwrap();

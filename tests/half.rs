@@ -8,19 +8,6 @@ use famc::model::{Checkpoint, FamParams};
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
 
-fn backends() -> Vec<BackendKind> {
-    let mut v = vec![BackendKind::Tract];
-    if famc::runtime::ort::find_ort_library().is_ok() {
-        v.push(BackendKind::Ort);
-    } else {
-        assert!(
-            std::env::var_os("FAMC_REQUIRE_ORT").is_none(),
-            "ONNX Runtime required"
-        );
-    }
-    v
-}
-
 /// The documented tolerance (README, "Half precision"): max abs difference from the f32 export's
 /// logits, as a fraction of their range (max − min). bfloat16 keeps 8 bits of mantissa to f16's 11.
 fn tolerance(dtype: WeightDtype) -> f32 {

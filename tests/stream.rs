@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use famc::export::{self, ExportOptions};
@@ -23,19 +23,6 @@ fn params(l: usize, f: usize, m: usize) -> FamParams {
     }
 }
 
-fn backends() -> Vec<BackendKind> {
-    let mut v = vec![BackendKind::Tract];
-    if famc::runtime::ort::find_ort_library().is_ok() {
-        v.push(BackendKind::Ort);
-    } else {
-        assert!(
-            std::env::var_os("FAMC_REQUIRE_ORT").is_none(),
-            "ONNX Runtime required"
-        );
-    }
-    v
-}
-
 /// Mean NLL of next-token prediction computed here from the reference's f64 logits.
 fn reference_mean_nll(r: &Reference, ids: &[u32]) -> f64 {
     let logits = r.forward(ids).unwrap();
@@ -47,13 +34,6 @@ fn reference_mean_nll(r: &Reference, ids: &[u32]) -> f64 {
         total += lse - row[ids[i + 1] as usize];
     }
     total / (ids.len() - 1) as f64
-}
-
-fn famc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_famc"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn json_of(o: &Output) -> serde_json::Value {

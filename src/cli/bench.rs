@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use famc::bench::{bench_model, flops_per_token, matmul_gflops, presets};
+use famc::bench::{bench_model, flops_per_token, matmul_gflops, plot_sweep, presets, SweepPoint};
 use famc::model::{Checkpoint, FamDefaults, FamParams};
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
@@ -14,7 +14,7 @@ use famc::session::FamModel;
 #[derive(Args)]
 pub struct BenchArgs {
     /// An export or checkpoint directory (or use --preset).
-    #[arg(required_unless_present = "preset", conflicts_with = "preset")]
+    #[arg(required_unless_present_any = ["preset", "replot"], conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// A random-weight model of realistic shape: tiny, 25m, 110m or 350m.
     #[arg(long)]
@@ -35,6 +35,97 @@ pub struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Only this configuration of --compare: fam, bswa or causal.
+    #[arg(long, value_parser = ["fam", "bswa", "causal"])]
+    pub only: Option<String>,
+    /// Input lengths for a sweep: each configuration (fam, bswa, causal) at each length runs in a
+    /// process of its own, so that each peak RSS is its own.
+    #[arg(long, value_delimiter = ',', requires = "svg")]
+    pub sweep: Vec<usize>,
+    /// Where the sweep's plot goes (SVG: time per token and peak RSS against input length).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Redraw the plot from the points a sweep wrote with --json (no measuring).
+    #[arg(long, requires = "svg")]
+    pub replot: Option<PathBuf>,
+}
+
+fn sweep(
+    args: &BenchArgs,
+    fam: FamDefaults,
+    backend: BackendKind,
+    opts: &RunOptions,
+) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let tmp = tempfile::tempdir()?;
+    let mut points = Vec::new();
+    println!("| backend | config | tokens | µs/token | peak RSS MiB |\n|---|---|---|---|---|");
+    for &n in &args.sweep {
+        for config in ["fam", "bswa", "causal"] {
+            let out = tmp.path().join(format!("{config}-{n}.json"));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("bench");
+            match (&args.preset, &args.model) {
+                (Some(p), _) => cmd.args(["--preset", p]),
+                (None, Some(m)) => cmd.arg(m),
+                (None, None) => bail!("a sweep needs a model or a preset"),
+            };
+            cmd.args([
+                "--backend",
+                backend.name(),
+                "--only",
+                config,
+                "--decode-tokens",
+                "0",
+            ]);
+            cmd.args(["--tokens", &n.to_string(), "--runs", &args.runs.to_string()]);
+            for (flag, v) in [
+                ("--block-len", fam.block_len),
+                ("--fam-len", fam.fam_len),
+                ("--mem-blocks", fam.mem_blocks),
+            ] {
+                if let Some(v) = v {
+                    cmd.args([flag, &v.to_string()]);
+                }
+            }
+            if let Some(t) = opts.intra_threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
+            cmd.arg("--json").arg(&out);
+            let status = cmd.stdout(std::process::Stdio::null()).status()?;
+            if !status.success() {
+                bail!("the sweep's run of {config} at {n} tokens failed");
+            }
+            let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+            let r = &j["results"][0]["report"];
+            let tps = r["prefill_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+            let point = SweepPoint {
+                backend: backend.name().into(),
+                config: config.into(),
+                tokens: n,
+                us_per_token: 1e6 / tps,
+                peak_rss_mib: r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+            };
+            println!(
+                "| {} | {config} | {n} | {:.1} | {:.1} |",
+                backend.name(),
+                point.us_per_token,
+                point.peak_rss_mib
+            );
+            points.push(point);
+        }
+    }
+    let title = format!(
+        "famc bench: FAM vs BSWA vs causal attention, {}",
+        backend.name()
+    );
+    let svg = args.svg.as_ref().expect("clap requires --svg with --sweep");
+    plot_sweep(&points, &title, svg)?;
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&points)?;
+        famc::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
+    }
+    Ok(())
 }
 
 /// Runs `famc bench`.
@@ -46,6 +137,22 @@ pub fn run(
 ) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    if let Some(points) = &args.replot {
+        let points: Vec<SweepPoint> = serde_json::from_str(&std::fs::read_to_string(points)?)?;
+        let title = format!(
+            "famc bench: FAM vs BSWA vs causal attention, {}",
+            points.first().map_or("", |p| p.backend.as_str())
+        );
+        plot_sweep(
+            &points,
+            &title,
+            args.svg.as_ref().expect("clap requires --svg"),
+        )?;
+        return Ok(());
+    }
+    if !args.sweep.is_empty() {
+        return sweep(&args, fam, backend, opts);
     }
     let _tmp;
     let (ck_dir, preset_spec, preset_fam) = match &args.preset {
@@ -86,19 +193,25 @@ pub fn run(
                 None => ck.fam_params(fam)?,
             };
             let tokens = args.tokens.unwrap_or(4 * base.block_len);
-            configs.push(("fam".into(), FamModel::compile(&ck, base, backend, opts)?));
-            if args.compare {
-                let bswa = FamParams { fam_len: 0, ..base };
-                let causal = FamParams {
-                    fam_len: 0,
-                    mem_blocks: tokens.div_ceil(base.block_len),
-                    ..base
-                };
-                configs.push(("bswa".into(), FamModel::compile(&ck, bswa, backend, opts)?));
-                configs.push((
-                    "causal".into(),
-                    FamModel::compile(&ck, causal, backend, opts)?,
-                ));
+            let bswa = FamParams { fam_len: 0, ..base };
+            let causal = FamParams {
+                fam_len: 0,
+                mem_blocks: tokens.div_ceil(base.block_len),
+                ..base
+            };
+            let all = [("fam", base), ("bswa", bswa), ("causal", causal)];
+            let wanted: Vec<(&str, FamParams)> = match (&args.only, args.compare) {
+                (Some(only), _) => all.into_iter().filter(|(n, _)| n == only).collect(),
+                (None, true) => all.to_vec(),
+                (None, false) => vec![all[0]],
+            };
+            for (name, p) in wanted {
+                let mut ck = ck.clone();
+                if p.fam_len == 0 {
+                    // the same weights without FAM: the learned prompt has no place then
+                    ck.weights.fam_init = None;
+                }
+                configs.push((name.into(), FamModel::compile(&ck, p, backend, opts)?));
             }
         }
         None => {

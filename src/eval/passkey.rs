@@ -43,31 +43,7 @@ pub const FILLER0: u32 = 19;
 /// Number of filler tokens.
 pub const NUM_FILLERS: u32 = 13;
 
-/// SplitMix64: small, seedable, and identical in Python (`export/passkey.py`), so both languages
-/// draw the same samples from the same seed.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in [0, n), n > 0.
-    pub fn below(&mut self, n: u32) -> u32 {
-        (self.next_u64() % u64::from(n)) as u32
-    }
-}
+pub use crate::rng::SplitMix64;
 
 /// One PassKey sample.
 #[derive(Debug, Clone, PartialEq, Eq)]

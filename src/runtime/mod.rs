@@ -18,8 +18,11 @@ use ndarray::ArrayD;
 
 use crate::{Error, Result};
 
+pub mod ep;
 pub mod ort;
 pub mod tract;
+
+pub use ep::{EpConfig, EpKind};
 
 /// A host tensor given to a graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,6 +239,9 @@ pub struct RunOptions {
     /// of optimising twice and holding two plans). Symbols that no graph input names are ignored,
     /// so one `RunOptions` serves graphs with and without them. See [`tract`] for what pays.
     pub fixed_dims: Vec<(String, usize)>,
+    /// The ONNX Runtime execution provider and its options (default: the CPU). Anything but the
+    /// CPU is refused by tract. See [`ep`].
+    pub ep: EpConfig,
 }
 
 impl RunOptions {
@@ -263,7 +269,16 @@ pub fn open_graph(
         return Err(backend_error(kind, path, format!("graph file {what}")));
     }
     match kind {
-        BackendKind::Tract => Ok(Box::new(tract::TractRunner::open(path, opts)?)),
+        BackendKind::Tract => {
+            if opts.ep.kind != EpKind::Cpu {
+                return Err(Error::Input(format!(
+                    "--ep {} needs --backend ort: tract runs on the CPU only",
+                    opts.ep.kind
+                )));
+            }
+            opts.ep.check()?;
+            Ok(Box::new(tract::TractRunner::open(path, opts)?))
+        }
         BackendKind::Ort => Ok(Box::new(ort::OrtRunner::open(path, opts)?)),
     }
 }

@@ -4,6 +4,11 @@
 //!
 //! State stays host-side: inputs are handed to ONNX Runtime as borrowed views of the caller's
 //! arrays (no copy), and each output is copied out once, as f32.
+//!
+//! Sessions run on ONNX Runtime's CPU provider unless [`RunOptions::ep`] asks for CUDA or
+//! TensorRT: then the providers of the [`ep::plan`] are registered, each failing loudly: a library
+//! without the provider, a provider whose libraries do not load, or famc built without the cargo
+//! feature is an error, never a quiet run on the CPU.
 
 use std::ffi::{CStr, OsStr};
 use std::fmt;
@@ -17,6 +22,7 @@ use ::ort::session::{Session, SessionInputValue};
 use ::ort::value::{TensorElementType, TensorRef, ValueType};
 use ndarray::{ArrayD, IxDyn};
 
+use super::ep::{self, EpKind, EpPlan, GraphFacts, Versions};
 use super::{
     backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, OrtOptLevel,
     RunOptions, Tensor,
@@ -499,6 +505,7 @@ pub struct OrtRunner {
     input_names: Vec<String>,
     output_names: Vec<String>,
     input_specs: Vec<IoSpec>,
+    plan: EpPlan,
 }
 
 impl fmt::Debug for OrtRunner {
@@ -507,14 +514,134 @@ impl fmt::Debug for OrtRunner {
             .field("path", &self.path)
             .field("inputs", &self.input_specs)
             .field("outputs", &self.output_names)
+            .field("execution_providers", &self.plan.to_string())
             .finish()
     }
+}
+
+/// The execution-provider plan for the graph at `path` under `opts` (see [`ep::plan`]): checks
+/// the cargo features, reads the graph's facts and, for TensorRT, asks the TensorRT library its
+/// version. The CPU plan touches nothing.
+pub fn plan_for(path: &Path, opts: &RunOptions) -> Result<EpPlan> {
+    let cfg = &opts.ep;
+    cfg.check()?;
+    if cfg.kind == EpKind::Cpu {
+        let facts = GraphFacts {
+            file_name: String::new(),
+            inputs: Vec::new(),
+            sha256: String::new(),
+            block_len: None,
+        };
+        return ep::plan(cfg, &facts, &Versions::default());
+    }
+    ep::require_features(cfg.kind)?;
+    let library = init_ort()?;
+    let facts = GraphFacts::read(path)?;
+    let versions = Versions {
+        ort: library.version.clone(),
+        tensorrt: if cfg.kind == EpKind::TensorRt {
+            ep::probe_tensorrt_version()
+        } else {
+            None
+        },
+    };
+    ep::plan(cfg, &facts, &versions)
+}
+
+/// Checks that the ONNX Runtime library offers every provider `kind` needs
+/// (`GetAvailableProviders`), so a CPU-only build is named as such rather than failing deep in
+/// registration.
+pub fn check_providers_offered(kind: EpKind) -> Result<()> {
+    let offered = available_providers()?;
+    let missing: Vec<&str> = kind
+        .required_providers()
+        .iter()
+        .copied()
+        .filter(|p| !offered.iter().any(|o| o == p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let library = init_ort()?;
+    Err(ort_error(format!(
+        "--ep {kind}: {library} does not offer {} (it offers: {}); famc does not fall back to the \
+         CPU.\nTo fix: {}",
+        missing.join(" or "),
+        if offered.is_empty() {
+            "none".to_string()
+        } else {
+            offered.join(", ")
+        },
+        ep::GPU_ORT_HINT
+    )))
+}
+
+/// Registers the plan's providers on `builder`, failing (never falling back to the CPU) when one
+/// cannot be registered, and creates the TensorRT cache directory. `check_offered`: first check
+/// that the library offers them (a clearer error for a CPU-only build).
+fn register_plan(
+    builder: SessionBuilder,
+    plan: &EpPlan,
+    check_offered: bool,
+) -> Result<SessionBuilder> {
+    if plan.providers.is_empty() {
+        return Ok(builder);
+    }
+    if check_offered {
+        check_providers_offered(plan.kind)?;
+    }
+    let dispatches = ep::dispatches(plan)?;
+    let library = initialised_ort_library().map_or_else(String::new, |l| format!(" ({l})"));
+    let builder = builder.with_execution_providers(dispatches).map_err(|e| {
+        ort_error(format!(
+            "cannot register {} for --ep {}{library}: {}; famc does not fall back to the CPU.\n\
+             To fix: {}",
+            plan.providers
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            plan.kind,
+            e.to_string().trim_end(),
+            ep::GPU_ORT_HINT
+        ))
+    })?;
+    if let Some(dir) = &plan.cache_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ort_error(format!(
+                "cannot create the TensorRT cache directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(builder)
+}
+
+/// Registers `kind`'s providers (default options) on a throw-away session builder: whether ONNX
+/// Runtime and the provider's own libraries (CUDA, cuDNN, TensorRT) load. No graph is loaded and
+/// no GPU memory taken; a device that is missing shows only when a session is created.
+/// `check_offered`: first check that the library offers them (`GetAvailableProviders`); without
+/// it, ONNX Runtime's own registration error is what a CPU-only library gives.
+pub fn try_register(kind: EpKind, check_offered: bool) -> Result<()> {
+    ep::require_features(kind)?;
+    let process = ort_process()?;
+    let facts = GraphFacts {
+        file_name: "probe.onnx".into(),
+        inputs: Vec::new(),
+        sha256: String::new(),
+        block_len: None,
+    };
+    let plan = ep::plan(&ep::EpConfig::new(kind), &facts, &Versions::default())?;
+    let builder = Session::builder(&process.env)
+        .map_err(|e| ort_error(format!("cannot create a session builder: {e}")))?;
+    register_plan(builder, &plan, check_offered).map(|_| ())
 }
 
 impl OrtRunner {
     /// Initialises ONNX Runtime if needed ([`init_ort`]) and loads the graph at `path` (from the
     /// file, so its external data beside it is found).
     pub fn open(path: &Path, opts: &RunOptions) -> Result<Self> {
+        let plan = plan_for(path, opts)?;
         let process = ort_process()?;
         let err =
             |what: &str, e: &dyn fmt::Display| backend_error(KIND, path, format!("{what}: {e}"));
@@ -546,11 +673,20 @@ impl OrtRunner {
                 .with_optimization_level(level)
                 .map_err(|e| err("cannot set the optimisation level", &e))?;
         }
+        builder = register_plan(builder, &plan, true).map_err(|e| match e {
+            Error::Backend { message, .. } => backend_error(KIND, path, message),
+            other => other,
+        })?;
         let session = builder.commit_from_file(path).map_err(|e| {
             err(
                 &format!(
-                    "ONNX Runtime {} cannot load the graph",
-                    process.library.version
+                    "ONNX Runtime {} cannot load the graph{}",
+                    process.library.version,
+                    if plan.providers.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with {plan}")
+                    }
                 ),
                 &e,
             )
@@ -572,7 +708,41 @@ impl OrtRunner {
             input_names,
             output_names,
             input_specs,
+            plan,
         })
+    }
+
+    /// The execution providers this session was created with.
+    pub fn plan(&self) -> &EpPlan {
+        &self.plan
+    }
+
+    /// Checks the run's symbolic dimensions against what the TensorRT engine was built for.
+    fn check_limits(&self, inputs: &[Tensor]) -> Result<()> {
+        for limit in &self.plan.limits {
+            for (spec, t) in self.input_specs.iter().zip(inputs) {
+                let Some(dims) = &spec.shape else { continue };
+                for (d, &n) in dims.iter().zip(t.shape()) {
+                    if matches!(d, Dim::Named(s) if *s == limit.symbol) && n > limit.max {
+                        let fix = if limit.symbol == "batch" {
+                            format!("; pass --max-batch {n} or more")
+                        } else {
+                            String::new()
+                        };
+                        return Err(backend_error(
+                            KIND,
+                            &self.path,
+                            format!(
+                                "input `{}`: `{}` = {n} exceeds {}, the largest the TensorRT \
+                                 engine was built for ({}){fix}",
+                                spec.name, limit.symbol, limit.max, limit.set_by
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -595,6 +765,7 @@ impl GraphRunner for OrtRunner {
 
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
         check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
+        self.check_limits(&inputs)?;
         let path = &self.path;
         // Borrowed: ONNX Runtime reads the arrays where they lie (no copy, no allocation).
         let values: Vec<SessionInputValue<'_>> = inputs

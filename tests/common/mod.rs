@@ -6,19 +6,15 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
-/// Deterministic pseudo-random numbers (SplitMix64), so fixtures need no extra crate.
-pub struct Rng(u64);
+/// Deterministic pseudo-random numbers for fixtures (famc's SplitMix64).
+pub struct Rng(famc::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(famc::rng::SplitMix64::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [-1, 1).
     pub fn uniform(&mut self) -> f32 {
@@ -393,4 +389,29 @@ pub fn max_abs_diff<'a>(
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// tract always; ONNX Runtime wherever its library is found. CI installs it and sets
+/// FAMC_REQUIRE_ORT, which makes a missing library a failure rather than a skip.
+pub fn backends() -> Vec<famc::runtime::BackendKind> {
+    let mut v = vec![famc::runtime::BackendKind::Tract];
+    match famc::runtime::ort::find_ort_library() {
+        Ok(_) => v.push(famc::runtime::BackendKind::Ort),
+        Err(e) => {
+            let required = ["FAMC_REQUIRE_ORT", "FAMC_REQUIRE_PYTHON"]
+                .iter()
+                .any(|k| std::env::var_os(k).is_some());
+            assert!(!required, "ONNX Runtime required but missing: {e}");
+            eprintln!("skipping ONNX Runtime: {e}");
+        }
+    }
+    v
+}
+
+/// Runs the `famc` binary.
+pub fn famc(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_famc"))
+        .args(args)
+        .output()
+        .unwrap()
 }
