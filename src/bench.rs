@@ -23,7 +23,7 @@ pub struct Preset {
     pub mem_blocks: usize,
 }
 
-/// The presets: Llama shapes of about 2M, 25M, 110M and 350M parameters.
+/// The presets: Llama shapes of about 2M, 25M, 110M, 350M and 800M (`1b`) parameters.
 pub fn presets() -> Vec<Preset> {
     let spec = |hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size| {
         SyntheticSpec {
@@ -64,6 +64,14 @@ pub fn presets() -> Vec<Preset> {
             block_len: 1024,
             fam_len: 64,
             mem_blocks: 3,
+        },
+        // ~0.8B parameters (tied embeddings), the shape of a 1B Llama: for GPUs
+        Preset {
+            name: "1b",
+            spec: spec(2048, 16, 32, 8, 5632, 32000),
+            block_len: 1024,
+            fam_len: 64,
+            mem_blocks: 1,
         },
     ]
 }
@@ -128,6 +136,8 @@ pub struct RunFigures {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub backend: String,
+    /// ONNX Runtime's execution provider (`cpu` for tract).
+    pub execution_provider: String,
     pub block_len: usize,
     pub fam_len: usize,
     pub mem_blocks: usize,
@@ -190,6 +200,7 @@ pub fn bench_model(
     let col = |f: fn(&RunFigures) -> f64| median(&figures.iter().map(f).collect::<Vec<_>>());
     Ok(BenchReport {
         backend: model.backend().name().to_string(),
+        execution_provider: model.run_options().ep.kind.name().to_string(),
         block_len: p.block_len,
         fam_len: p.fam_len,
         mem_blocks: p.mem_blocks,

@@ -228,7 +228,7 @@ fn tensorrt_plan_for_the_block_graph() {
         [
             "device_id",
             "trt_fp16_enable",
-            "trt_bf16_enable",
+            "trt_layer_norm_fp32_fallback",
             "trt_profile_min_shapes",
             "trt_profile_opt_shapes",
             "trt_profile_max_shapes"
@@ -238,7 +238,19 @@ fn tensorrt_plan_for_the_block_graph() {
     assert_eq!(option(&p, EpKind::TensorRt, "device_id"), Some("1"));
     assert_eq!(option(&p, EpKind::Cuda, "device_id"), Some("1"));
     assert_eq!(option(&p, EpKind::TensorRt, "trt_fp16_enable"), Some("1"));
-    assert_eq!(option(&p, EpKind::TensorRt, "trt_bf16_enable"), Some("0"));
+    assert_eq!(
+        option(&p, EpKind::TensorRt, "trt_layer_norm_fp32_fallback"),
+        Some("1")
+    );
+    assert_eq!(option(&p, EpKind::TensorRt, "trt_bf16_enable"), None);
+    let p32 = plan(&trt(4), &facts, &versions()).unwrap();
+    let keys32: Vec<&str> = p32.providers[0]
+        .options
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !k.starts_with("trt_profile_"))
+        .collect();
+    assert_eq!(keys32, ["device_id"], "float32: TensorRT's defaults");
     assert!(p.cache_dir.is_none());
     check_profile(&p, &facts, 4);
     // the exact strings for the tiny model (L = 16, F = 4, d = 32, Hkv = 2, M·L = 32, Dh = 8)
@@ -334,11 +346,11 @@ fn tensorrt_cache_dir_is_keyed_by_graph_bytes_versions_precision_and_batch() {
         ("trt_engine_cache_path", dir_s.as_str()),
         ("trt_timing_cache_enable", "1"),
         ("trt_timing_cache_path", dir_s.as_str()),
-        ("trt_fp16_enable", "0"),
         ("trt_bf16_enable", "1"),
     ] {
         assert_eq!(option(&p, EpKind::TensorRt, k), Some(v), "{k}");
     }
+    assert_eq!(option(&p, EpKind::TensorRt, "trt_fp16_enable"), None);
     let key = |cfg: &EpConfig, facts: &GraphFacts, v: &Versions| cache_key(cfg, facts, v);
     let base = key(&cfg, &block, &versions());
     // another graph, other versions, precision or batch: another directory
@@ -455,6 +467,32 @@ fn ep_names_and_versions() {
     assert_eq!(decode_trt_version(101303), "10.13.3");
     assert_eq!(decode_trt_version(110400), "11.4.0");
     assert_eq!(decode_trt_version(8601), "8.6.1");
+}
+
+#[test]
+fn ep_config_as_command_line_flags() {
+    assert!(EpConfig::cpu().cli_args().is_empty());
+    let cfg = EpConfig {
+        device_id: Some(2),
+        trt_fp16: true,
+        trt_cache_dir: Some("/tmp/c".into()),
+        max_batch: 8,
+        ..EpConfig::new(EpKind::TensorRt)
+    };
+    assert_eq!(
+        cfg.cli_args(),
+        [
+            "--ep",
+            "tensorrt",
+            "--device-id",
+            "2",
+            "--trt-fp16",
+            "--trt-cache-dir",
+            "/tmp/c",
+            "--max-batch",
+            "8"
+        ]
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ pub struct BenchArgs {
     /// An export or checkpoint directory (or use --preset).
     #[arg(required_unless_present_any = ["preset", "replot"], conflicts_with = "preset")]
     pub model: Option<PathBuf>,
-    /// A random-weight model of realistic shape: tiny, 25m, 110m or 350m.
+    /// A random-weight model of realistic shape: tiny, 25m, 110m, 350m or 1b.
     #[arg(long)]
     pub preset: Option<String>,
     /// Prefill length in tokens (default: 4 blocks).
@@ -91,6 +91,13 @@ fn sweep(
             if let Some(t) = opts.intra_threads {
                 cmd.args(["--threads", &t.to_string()]);
             }
+            if let Some(t) = opts.inter_threads {
+                cmd.args(["--inter-threads", &t.to_string()]);
+            }
+            if let Some(level) = opts.ort_optimization {
+                cmd.args(["--ort-opt-level", level.name()]);
+            }
+            cmd.args(opts.ep.cli_args());
             cmd.arg("--json").arg(&out);
             let status = cmd.stdout(std::process::Stdio::null()).status()?;
             if !status.success() {
@@ -158,7 +165,7 @@ pub fn run(
     let (ck_dir, preset_spec, preset_fam) = match &args.preset {
         Some(name) => {
             let Some(p) = presets().into_iter().find(|p| p.name == name.as_str()) else {
-                bail!("unknown preset `{name}` (tiny, 25m, 110m, 350m)");
+                bail!("unknown preset `{name}` (tiny, 25m, 110m, 350m, 1b)");
             };
             let dir = tempfile::tempdir()?;
             famc::model::synthetic::write_checkpoint(dir.path(), &p.spec)?;
@@ -224,8 +231,9 @@ pub fn run(
     }
     let gflops = matmul_gflops(backend, opts, 512, args.runs.max(5))?;
     eprintln!(
-        "{} f32 matmul 512x512x512: {gflops:.1} GFLOP/s (median)",
-        backend.name()
+        "{} ({}) f32 matmul 512x512x512: {gflops:.1} GFLOP/s (median)",
+        backend.name(),
+        opts.ep.kind.name()
     );
     let mut results = Vec::new();
     for (name, model) in &configs {

@@ -245,6 +245,31 @@ impl EpConfig {
         Ok(())
     }
 
+    /// The command-line flags that give this configuration (`--ep tensorrt --trt-fp16 …`; none
+    /// for the default), for a famc that starts another famc.
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        if self.kind != EpKind::Cpu {
+            v.extend(["--ep".into(), self.kind.name().into()]);
+        }
+        if let Some(d) = self.device_id {
+            v.extend(["--device-id".into(), d.to_string()]);
+        }
+        if self.trt_fp16 {
+            v.push("--trt-fp16".into());
+        }
+        if self.trt_bf16 {
+            v.push("--trt-bf16".into());
+        }
+        if let Some(dir) = &self.trt_cache_dir {
+            v.extend(["--trt-cache-dir".into(), dir.to_string_lossy().into_owned()]);
+        }
+        if self.max_batch != 1 {
+            v.extend(["--max-batch".into(), self.max_batch.to_string()]);
+        }
+        v
+    }
+
     /// The precision part of a cache key: `fp32`, `fp16`, `bf16` or `fp16-bf16`.
     fn precision(&self) -> &'static str {
         match (self.trt_fp16, self.trt_bf16) {
@@ -620,9 +645,14 @@ pub fn plan(cfg: &EpConfig, graph: &GraphFacts, versions: &Versions) -> Result<E
         EpKind::TensorRt => {
             let profile = trt_profile(graph, cfg.max_batch)?;
             let mut options: Vec<(String, String)> = vec![("device_id".into(), device)];
-            let flag = |on: bool| if on { "1" } else { "0" }.to_string();
-            options.push(("trt_fp16_enable".into(), flag(cfg.trt_fp16)));
-            options.push(("trt_bf16_enable".into(), flag(cfg.trt_bf16)));
+            if cfg.trt_fp16 {
+                options.push(("trt_fp16_enable".into(), "1".into()));
+                // RMSNorm's Pow and ReduceMean stay in float32 (x² overflows float16)
+                options.push(("trt_layer_norm_fp32_fallback".into(), "1".into()));
+            }
+            if cfg.trt_bf16 {
+                options.push(("trt_bf16_enable".into(), "1".into()));
+            }
             let cache_dir = cfg
                 .trt_cache_dir
                 .as_ref()
@@ -696,6 +726,9 @@ pub fn probe_tensorrt_version() -> Option<String> {
                 .ok()
                 .map(|f| f())
         };
+        // kept loaded: the provider loads it again anyway, and unloading CUDA libraries is
+        // not always safe
+        std::mem::forget(lib);
         if let Some(v) = v.filter(|v| *v > 0) {
             return Some(decode_trt_version(v));
         }
