@@ -295,42 +295,30 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
     let ids = tmp.path().join("ids.txt");
     std::fs::write(&ids, "1 2 3").unwrap();
     let d = hf_tiny_dir();
-    let o = Command::new(env!("CARGO_BIN_EXE_famc"))
-        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
-        .args([
-            "run",
-            d.to_str().unwrap(),
-            "--backend",
-            "ort",
-            "--fam-len",
-            "0",
-            "--tokens",
-            ids.to_str().unwrap(),
-        ])
-        .args(["--logits-out", tmp.path().join("o.npy").to_str().unwrap()])
-        .output()
-        .unwrap();
+    let run_with = |dylib: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_famc"))
+            .env("ORT_DYLIB_PATH", dylib)
+            .args([
+                "run",
+                d.to_str().unwrap(),
+                "--backend",
+                "ort",
+                "--fam-len",
+                "0",
+            ])
+            .args(["--tokens", ids.to_str().unwrap()])
+            .args(["--logits-out", tmp.path().join("o.npy").to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = run_with(Path::new("/nonexistent/libonnxruntime.so"));
     assert_clean_failure(&o, "/nonexistent/libonnxruntime.so");
     assert!(stderr(&o).contains("ORT_DYLIB_PATH"), "{}", stderr(&o));
 
     // a file that is not ONNX Runtime
     let fake = tmp.path().join("libonnxruntime.so.1.31.1");
     std::fs::write(&fake, b"not a library").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_famc"))
-        .env("ORT_DYLIB_PATH", &fake)
-        .args([
-            "run",
-            d.to_str().unwrap(),
-            "--backend",
-            "ort",
-            "--fam-len",
-            "0",
-            "--tokens",
-            ids.to_str().unwrap(),
-        ])
-        .args(["--logits-out", tmp.path().join("o.npy").to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = run_with(&fake);
     assert_clean_failure(&o, "libonnxruntime.so.1.31.1");
 }
 
