@@ -209,8 +209,9 @@ pub struct FamDecoder<'m> {
     block: Vec<u32>,
     /// Per layer: FAM keys then values [1, Hkv, F, Dh] of the current block, when F > 0.
     fam_kv_values: Option<Vec<ArrayD<f32>>>,
-    /// Per layer: cache keys then values [1, Hkv, L, Dh].
-    cache: Vec<ArrayD<f32>>,
+    /// Per layer: cache keys then values [1, Hkv, L, Dh]; moved into each decode call and
+    /// replaced by its outputs, so `None` only after a failed call.
+    cache: Option<Vec<ArrayD<f32>>>,
 }
 
 impl<'m> FamDecoder<'m> {
@@ -240,9 +241,11 @@ impl<'m> FamDecoder<'m> {
             state: model.new_state(),
             block: Vec::new(),
             fam_kv_values: None,
-            cache: (0..2 * d.num_layers)
-                .map(|_| ArrayD::zeros(IxDyn(&cache_shape)))
-                .collect(),
+            cache: Some(
+                (0..2 * d.num_layers)
+                    .map(|_| ArrayD::zeros(IxDyn(&cache_shape)))
+                    .collect(),
+            ),
         })
     }
 
@@ -300,6 +303,15 @@ impl<'m> FamDecoder<'m> {
         if self.fam_kv.is_some() && self.fam_kv_values.is_none() {
             self.refresh_fam_kv()?;
         }
+        let mut cache = self
+            .cache
+            .take()
+            .ok_or_else(|| {
+                Error::Input(
+                    "a decode call of this stream failed earlier: start a new stream".into(),
+                )
+            })?
+            .into_iter();
         let mut inputs = vec![
             Tensor::I64(ArrayD::from_elem(IxDyn(&[1, 1]), token as i64)),
             Tensor::I64(ArrayD::from_elem(IxDyn(&[1]), self.position() as i64)),
@@ -313,14 +325,25 @@ impl<'m> FamDecoder<'m> {
                 inputs.push(Tensor::F32(k));
                 inputs.push(Tensor::F32(v));
             }
-            inputs.push(Tensor::F32(self.cache[2 * l].clone()));
-            inputs.push(Tensor::F32(self.cache[2 * l + 1].clone()));
+            for _ in 0..2 {
+                inputs.push(Tensor::F32(
+                    cache.next().expect("keys and values per layer"),
+                ));
+            }
         }
         let mut out = self.decode.run(inputs)?.into_iter();
         let logits = out
             .next()
             .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?;
-        self.cache = out.collect();
+        let next: Vec<ArrayD<f32>> = out.collect();
+        if next.len() != 2 * m.model.num_layers {
+            return Err(Error::Input(format!(
+                "the decode graph returned {} caches, expected {}",
+                next.len(),
+                2 * m.model.num_layers
+            )));
+        }
+        self.cache = Some(next);
         self.block.push(token);
         if self.block.len() == m.fam.block_len {
             self.finish_block()?;
