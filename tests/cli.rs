@@ -48,11 +48,7 @@ fn run_reference_matches_hugging_face() {
     let ours = read_npy(&out);
     let hf = hf_tiny_logits();
     assert_eq!(ours.dim(), hf.dim());
-    let diff = ours
-        .iter()
-        .zip(hf.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff_f32(ours.iter(), hf.iter());
     assert!(diff < 1e-4, "{diff}");
     // no temporary file left beside the output
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
@@ -265,11 +261,7 @@ fn export_inspect_and_run_on_each_backend() {
         ]);
         assert!(o.status.success(), "{backend}: {}", stderr(&o));
         let got = read_npy(&got_path);
-        let diff = got
-            .iter()
-            .zip(want.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_abs_diff_f32(got.iter(), want.iter());
         assert!(diff < 1e-4, "{backend}: {diff}");
     }
     // an export's FAM parameters are fixed

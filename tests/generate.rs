@@ -236,11 +236,7 @@ fn decode_graph_logits_equal_block_graph_logits() {
             // one token at a time: every row comes from the decode graph
             let rows: Vec<Vec<f32>> = ids.iter().map(|&t| dec.feed(&[t]).unwrap()).collect();
             let decoded = famc::generate::stack_rows(&rows).unwrap();
-            let diff = decoded
-                .iter()
-                .zip(block.iter())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff_f32(decoded.iter(), block.iter());
             assert!(diff < 1e-4, "{backend:?} {p:?}: {diff}");
         }
     }

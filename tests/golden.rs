@@ -61,11 +61,7 @@ fn check_golden(name: &str, p: FamParams) {
             .run(&ids)
             .unwrap();
         assert_eq!(got.shape(), want.shape());
-        let diff = got
-            .iter()
-            .zip(want.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_abs_diff_f32(got.iter(), want.iter());
         assert!(diff < 1e-4, "{name} on {kind:?}: {diff}");
     }
 }

@@ -110,11 +110,7 @@ fn hugging_face_fixture_on_every_backend() {
                 .unwrap()
                 .run(&ids)
                 .unwrap();
-            let diff = got
-                .iter()
-                .zip(hf.iter())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff_f32(got.iter(), hf.iter());
             assert!(diff < 1e-4, "{backend:?} L={l}: {diff}");
         }
     }

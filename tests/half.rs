@@ -66,11 +66,7 @@ fn f16_and_bf16_exports_stay_close_to_f32() {
                 .unwrap()
                 .run(&ids)
                 .unwrap();
-            let diff = got
-                .iter()
-                .zip(base.iter())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff_f32(got.iter(), base.iter());
             eprintln!(
                 "{dtype:?} on {backend:?}: max abs diff {diff}, {:.4} of the range {range}",
                 diff / range

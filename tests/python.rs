@@ -177,11 +177,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             .forward(&ids)
             .unwrap();
         assert_eq!(from_python.shape(), ours.shape());
-        let d_ours = from_python
-            .iter()
-            .zip(ours.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let d_ours = max_abs_diff_f32(from_python.iter(), ours.iter());
         let d_ref = from_python
             .iter()
             .zip(reference.iter())

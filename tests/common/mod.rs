@@ -415,3 +415,14 @@ pub fn famc(args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// Largest absolute difference of two f32 sequences.
+pub fn max_abs_diff_f32<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
