@@ -5,7 +5,7 @@ use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
-use crate::runtime::{open_graph, GraphRunner, Tensor};
+use crate::runtime::{open_graph, GraphRunner, OutputTo, Tensor, Value};
 use crate::session::{FamModel, StreamState};
 
 /// A causal language model that takes tokens one after another.
@@ -201,6 +201,10 @@ impl<M: LanguageModel> Iterator for Generator<'_, M> {
 
 /// One stream of a FAM model, fed token by token through the decode graph and block by block
 /// through the block graph (prompts); the state advances exactly at block boundaries.
+///
+/// Everything a decode call reads stays in the backend's values between calls (the stream's
+/// memory, the block's FAM keys and values, the in-block cache, the last two double-buffered):
+/// per token only the token goes in and the logits come out.
 pub struct FamDecoder<'m> {
     model: &'m FamModel,
     decode: Box<dyn GraphRunner>,
@@ -208,10 +212,19 @@ pub struct FamDecoder<'m> {
     state: StreamState,
     block: Vec<u32>,
     /// Per layer: FAM keys then values [1, Hkv, F, Dh] of the current block, when F > 0.
-    fam_kv_values: Option<Vec<ArrayD<f32>>>,
-    /// Per layer: cache keys then values [1, Hkv, L, Dh]; moved into each decode call and
-    /// replaced by its outputs, so `None` only after a failed call.
-    cache: Option<Vec<ArrayD<f32>>>,
+    fam_kv_values: Option<Vec<Value>>,
+    /// Per layer: cache keys then values [1, Hkv, L, Dh]; `None` only after a failed call.
+    cache: Option<Vec<Value>>,
+    /// The buffers of the cache before `cache`, written over by the next decode call.
+    cache_spare: Vec<Value>,
+    /// Where each layer's FAM, memory keys and memory values lie in the state.
+    layout: Vec<LayerState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LayerState {
+    fam: Option<usize>,
+    mem: Option<(usize, usize)>,
 }
 
 impl<'m> FamDecoder<'m> {
@@ -233,6 +246,25 @@ impl<'m> FamDecoder<'m> {
             None => None,
         };
         let d = &m.model;
+        let find = |layer: usize, kind: &str| {
+            m.state
+                .iter()
+                .position(|s| s.layer == layer && s.kind == kind)
+        };
+        let layout = (0..d.num_layers)
+            .map(|l| LayerState {
+                fam: find(l, "fam"),
+                mem: find(l, "mem_k").zip(find(l, "mem_v")),
+            })
+            .collect::<Vec<_>>();
+        if fam_kv.is_some() && layout.iter().any(|l| l.fam.is_none()) {
+            return Err(Error::Export {
+                dir: dir.to_path_buf(),
+                message:
+                    "the export has a fam_kv graph but famc.json lists no FAM state for every layer"
+                        .into(),
+            });
+        }
         let cache_shape = [1, d.num_kv_heads, m.fam.block_len, d.head_dim];
         Ok(FamDecoder {
             model,
@@ -243,51 +275,50 @@ impl<'m> FamDecoder<'m> {
             fam_kv_values: None,
             cache: Some(
                 (0..2 * d.num_layers)
-                    .map(|_| ArrayD::zeros(IxDyn(&cache_shape)))
+                    .map(|_| Value::host(ArrayD::<f32>::zeros(IxDyn(&cache_shape))))
                     .collect(),
             ),
+            cache_spare: Vec::new(),
+            layout,
         })
     }
 
     /// Tokens fed so far.
     pub fn position(&self) -> usize {
-        self.state.block_index * self.model.fam_params().block_len + self.block.len()
+        self.state.block_index() * self.model.fam_params().block_len + self.block.len()
     }
 
-    fn state_of(&self, layer: usize, kind: &str) -> Option<ArrayD<f32>> {
-        self.model
-            .manifest()
-            .state
-            .iter()
-            .position(|s| s.layer == layer && s.kind == kind)
-            .map(|i| self.state.tensors[i].view().insert_axis(Axis(0)).to_owned())
+    /// The stream's state after its last full block.
+    pub fn state(&self) -> &StreamState {
+        &self.state
     }
 
     fn refresh_fam_kv(&mut self) -> Result<()> {
         let Some(runner) = self.fam_kv.as_mut() else {
             return Ok(());
         };
-        let n = self.model.manifest().model.num_layers;
-        let mut inputs = vec![Tensor::I64(ArrayD::from_elem(
+        let tau = Value::host(Tensor::I64(ArrayD::from_elem(
             IxDyn(&[1]),
-            self.state.block_index as i64,
-        ))];
-        for l in 0..n {
-            let fam = self
-                .model
-                .manifest()
-                .state
+            self.state.block_index() as i64,
+        )));
+        let values = self.state.values();
+        let mut inputs = vec![&tau];
+        inputs.extend(
+            self.layout
                 .iter()
-                .position(|s| s.layer == l && s.kind == "fam")
-                .expect("F > 0");
-            inputs.push(Tensor::F32(
-                self.state.tensors[fam]
-                    .view()
-                    .insert_axis(Axis(0))
-                    .to_owned(),
-            ));
-        }
-        self.fam_kv_values = Some(runner.run(inputs)?);
+                .map(|l| &values[l.fam.expect("checked in new")]),
+        );
+        let host = self.model.run_options().host_state;
+        let outputs = (0..runner.output_names().len())
+            .map(|_| {
+                if host {
+                    OutputTo::Host
+                } else {
+                    OutputTo::Backend
+                }
+            })
+            .collect();
+        self.fam_kv_values = Some(runner.run_values(&inputs, outputs)?);
         Ok(())
     }
 
@@ -303,47 +334,50 @@ impl<'m> FamDecoder<'m> {
         if self.fam_kv.is_some() && self.fam_kv_values.is_none() {
             self.refresh_fam_kv()?;
         }
-        let mut cache = self
-            .cache
-            .take()
-            .ok_or_else(|| {
-                Error::Input(
-                    "a decode call of this stream failed earlier: start a new stream".into(),
-                )
-            })?
-            .into_iter();
-        let mut inputs = vec![
-            Tensor::I64(ArrayD::from_elem(IxDyn(&[1, 1]), token as i64)),
-            Tensor::I64(ArrayD::from_elem(IxDyn(&[1]), self.position() as i64)),
-        ];
-        for l in 0..m.model.num_layers {
+        let cache = self.cache.take().ok_or_else(|| {
+            Error::Input("a decode call of this stream failed earlier: start a new stream".into())
+        })?;
+        let token_value = Value::host(Tensor::I64(ArrayD::from_elem(IxDyn(&[1, 1]), token as i64)));
+        let pos = Value::host(Tensor::I64(ArrayD::from_elem(
+            IxDyn(&[1]),
+            self.position() as i64,
+        )));
+        let state = self.state.values();
+        let mut inputs = vec![&token_value, &pos];
+        for (l, layer) in self.layout.iter().enumerate() {
             if let Some(kv) = &self.fam_kv_values {
-                inputs.push(Tensor::F32(kv[2 * l].clone()));
-                inputs.push(Tensor::F32(kv[2 * l + 1].clone()));
+                inputs.extend([&kv[2 * l], &kv[2 * l + 1]]);
             }
-            if let (Some(k), Some(v)) = (self.state_of(l, "mem_k"), self.state_of(l, "mem_v")) {
-                inputs.push(Tensor::F32(k));
-                inputs.push(Tensor::F32(v));
+            if let Some((k, v)) = layer.mem {
+                inputs.extend([&state[k], &state[v]]);
             }
-            for _ in 0..2 {
-                inputs.push(Tensor::F32(
-                    cache.next().expect("keys and values per layer"),
-                ));
-            }
+            inputs.extend([&cache[2 * l], &cache[2 * l + 1]]);
         }
-        let mut out = self.decode.run(inputs)?.into_iter();
+        let mut spare = std::mem::take(&mut self.cache_spare).into_iter();
+        let mut outputs = vec![OutputTo::Host];
+        let host = self.model.run_options().host_state;
+        outputs.extend((0..cache.len()).map(|_| match spare.next() {
+            _ if host => OutputTo::Host,
+            Some(buffer) => OutputTo::Reuse(buffer),
+            None => OutputTo::Backend,
+        }));
+        let mut out = self.decode.run_values(&inputs, outputs)?.into_iter();
         let logits = out
             .next()
-            .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?;
-        let next: Vec<ArrayD<f32>> = out.collect();
-        if next.len() != 2 * m.model.num_layers {
+            .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?
+            .into_host_f32()?;
+        let next: Vec<Value> = out.collect();
+        if next.len() != cache.len() || next.iter().zip(&cache).any(|(n, c)| n.shape() != c.shape())
+        {
             return Err(Error::Input(format!(
-                "the decode graph returned {} caches, expected {}",
+                "the decode graph returned {} caches, expected {} of shape {:?}",
                 next.len(),
-                2 * m.model.num_layers
+                cache.len(),
+                cache[0].shape()
             )));
         }
         self.cache = Some(next);
+        self.cache_spare = cache;
         self.block.push(token);
         if self.block.len() == m.fam.block_len {
             self.finish_block()?;

@@ -160,6 +160,10 @@ struct RuntimeArgs {
     /// The largest batch (streams per call) a TensorRT engine is built for (--ep tensorrt).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     max_batch: u32,
+    /// Copy the stream state out to host arrays after every block instead of keeping it in the
+    /// backend's values (on the GPU for --ep cuda/tensorrt): a diagnostic, slower.
+    #[arg(long)]
+    host_state: bool,
 }
 
 /// ONNX Runtime execution provider.
@@ -198,6 +202,7 @@ impl RuntimeArgs {
                 OrtOpt::Extended => OrtOptLevel::Extended,
                 OrtOpt::All => OrtOptLevel::All,
             }),
+            host_state: self.host_state,
             ..RunOptions::default()
         }
     }

@@ -8,17 +8,165 @@ use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams};
-use crate::runtime::{open_graph, BackendKind, GraphRunner, RunOptions, Tensor};
+use crate::runtime::{open_graph, BackendKind, GraphRunner, OutputTo, RunOptions, Tensor, Value};
 
-/// One stream's state between blocks: the block index and each state tensor of the manifest,
-/// without the batch dimension.
-#[derive(Debug, Clone, PartialEq)]
+/// One stream's state between blocks: the block index and each state tensor of the manifest.
+///
+/// The tensors stay where the backend left them (ONNX Runtime values, on the GPU for a GPU
+/// session; tract tensors), so a block's state goes into the next block without a copy through
+/// host arrays; [`StreamState::to_host`] copies them out when needed (snapshots). A new stream
+/// starts from host arrays. The previous block's buffers are kept and written over by the next
+/// full block (double buffering), so a stream allocates no state after its second block.
+#[derive(Debug)]
 pub struct StreamState {
-    /// Index τ of the next block.
-    pub block_index: usize,
-    /// In the order of the manifest's `state` list.
-    pub tensors: Vec<ArrayD<f32>>,
+    block_index: usize,
+    /// In the order of the manifest's `state` list, each with its batch dimension (1).
+    current: Vec<Value>,
+    /// The buffers of the state before `current`, written over by the next full block.
+    spare: Vec<Value>,
 }
+
+impl StreamState {
+    /// A state from host arrays (without the batch dimension), e.g. read from a snapshot. Shapes
+    /// are checked against the model when it is first stepped.
+    pub fn from_host(block_index: usize, tensors: Vec<ArrayD<f32>>) -> Self {
+        StreamState {
+            block_index,
+            current: tensors
+                .into_iter()
+                .map(|a| Value::host(a.insert_axis(Axis(0))))
+                .collect(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Index τ of the next block.
+    pub fn block_index(&self) -> usize {
+        self.block_index
+    }
+
+    /// The state tensors, in the order of the manifest's `state` list, each with its batch
+    /// dimension (1), where the backend holds them.
+    pub fn values(&self) -> &[Value] {
+        &self.current
+    }
+
+    /// Host copies of the state tensors, without the batch dimension.
+    pub fn to_host(&self) -> Result<Vec<ArrayD<f32>>> {
+        self.current
+            .iter()
+            .map(|v| Ok(v.to_host_f32()?.index_axis_move(Axis(0), 0)))
+            .collect()
+    }
+
+    /// A copy through host arrays (the copy starts from host arrays, the original keeps its
+    /// backend values).
+    pub fn to_host_state(&self) -> Result<StreamState> {
+        Ok(StreamState::from_host(self.block_index, self.to_host()?))
+    }
+
+    /// Where the state lies: `host`, `tract`, `ort cpu`, `ort cuda:0` (that of its first tensor).
+    pub fn location(&self) -> String {
+        self.current
+            .first()
+            .map_or_else(|| "host".into(), Value::location)
+    }
+}
+
+/// The states of several streams held together, each tensor with a batch dimension of one row
+/// per stream, so that a batch stepped again and again keeps its state in the backend (as a
+/// [`StreamState`] does for one stream).
+#[derive(Debug)]
+pub struct BatchState {
+    block_indices: Vec<usize>,
+    current: Vec<Value>,
+    spare: Vec<Value>,
+}
+
+impl BatchState {
+    /// Joins streams into one batch (through host arrays).
+    pub fn from_streams(streams: &[StreamState]) -> Result<Self> {
+        if streams.is_empty() {
+            return Err(Error::Input("a batch needs at least one stream".into()));
+        }
+        let host: Vec<Vec<ArrayD<f32>>> = streams
+            .iter()
+            .map(StreamState::to_host)
+            .collect::<Result<_>>()?;
+        let mut current = Vec::with_capacity(host[0].len());
+        for i in 0..host[0].len() {
+            let views: Vec<_> = host
+                .iter()
+                .map(|h| h[i].view().insert_axis(Axis(0)))
+                .collect();
+            current.push(Value::host(concatenate(Axis(0), &views).map_err(|e| {
+                Error::Input(format!("state tensor #{i} differs between streams: {e}"))
+            })?));
+        }
+        Ok(BatchState {
+            block_indices: streams.iter().map(|s| s.block_index).collect(),
+            current,
+            spare: Vec::new(),
+        })
+    }
+
+    /// The number of streams.
+    pub fn len(&self) -> usize {
+        self.block_indices.len()
+    }
+
+    /// Whether the batch holds no stream.
+    pub fn is_empty(&self) -> bool {
+        self.block_indices.is_empty()
+    }
+
+    /// Index τ of each stream's next block.
+    pub fn block_indices(&self) -> &[usize] {
+        &self.block_indices
+    }
+
+    /// Splits the batch into its streams (through host arrays).
+    pub fn into_streams(self) -> Result<Vec<StreamState>> {
+        let host: Vec<ArrayD<f32>> = self
+            .current
+            .iter()
+            .map(Value::to_host_f32)
+            .collect::<Result<_>>()?;
+        Ok(self
+            .block_indices
+            .iter()
+            .enumerate()
+            .map(|(s, &tau)| {
+                StreamState::from_host(
+                    tau,
+                    host.iter()
+                        .map(|a| a.index_axis(Axis(0), s).to_owned())
+                        .collect(),
+                )
+            })
+            .collect())
+    }
+
+    /// Keeps only the streams `keep` selects, in order (through host arrays).
+    pub fn retain(&mut self, keep: impl Fn(usize) -> bool) -> Result<()> {
+        let rows: Vec<usize> = (0..self.len()).filter(|&s| keep(s)).collect();
+        if rows.len() == self.len() {
+            return Ok(());
+        }
+        let mut current = Vec::with_capacity(self.current.len());
+        for v in &self.current {
+            current.push(Value::host(v.to_host_f32()?.select(Axis(0), &rows)));
+        }
+        self.block_indices = rows.iter().map(|&s| self.block_indices[s]).collect();
+        self.current = current;
+        self.spare.clear();
+        Ok(())
+    }
+}
+
+/// What one run of the block graph gives: each stream's logits [T, V], and the next state when
+/// the block was full and the state advances.
+type BlockRun = (Vec<Array2<f32>>, Option<Vec<Value>>);
 
 /// A FAM model loaded on a backend: its block graph and initial state.
 ///
@@ -165,6 +313,13 @@ impl FamModel {
         &self.opts
     }
 
+    /// Copy the state out to host arrays after every block (and the decoder's caches after
+    /// every token) instead of keeping it in the backend: [`RunOptions::host_state`]. For
+    /// measuring what keeping it there saves, on one model side by side.
+    pub fn set_host_state(&mut self, on: bool) {
+        self.opts.host_state = on;
+    }
+
     /// The FAM parameters.
     pub fn fam_params(&self) -> FamParams {
         self.manifest.fam
@@ -172,17 +327,22 @@ impl FamModel {
 
     /// A new stream: block 0, initial FAM, empty memory.
     pub fn new_state(&self) -> StreamState {
-        StreamState {
-            block_index: 0,
-            tensors: self.initial.clone(),
-        }
+        StreamState::from_host(0, self.initial.clone())
+    }
+
+    /// A new batch of `streams` streams, each as [`FamModel::new_state`].
+    pub fn new_batch(&self, streams: usize) -> Result<BatchState> {
+        let states: Vec<StreamState> = (0..streams).map(|_| self.new_state()).collect();
+        BatchState::from_streams(&states)
     }
 
     /// Runs one block for each stream of a batch. All blocks hold the same number T of tokens,
     /// 1 ≤ T ≤ L. Streams whose block is full advance; returns each stream's logits [T, V].
+    ///
+    /// One stream keeps its state in the backend; several are joined and split through host
+    /// arrays on every call (use a [`BatchState`] and [`FamModel::step_batch`] to keep a batch's
+    /// state in the backend).
     pub fn step(&self, states: &mut [StreamState], blocks: &[&[u32]]) -> Result<Vec<Array2<f32>>> {
-        let l_len = self.manifest.fam.block_len;
-        let vocab = self.manifest.model.vocab_size;
         if states.len() != blocks.len() || states.is_empty() {
             return Err(Error::Input(format!(
                 "a batch needs one block per stream: {} states, {} blocks",
@@ -190,6 +350,76 @@ impl FamModel {
                 blocks.len()
             )));
         }
+        if let [state] = states {
+            let (logits, next) = self.run_block(
+                &[state.block_index],
+                &state.current,
+                Some(&mut state.spare),
+                blocks,
+            )?;
+            if let Some(next) = next {
+                state.spare = std::mem::replace(&mut state.current, next);
+                state.block_index += 1;
+            }
+            return Ok(logits);
+        }
+        let mut batch = BatchState::from_streams(states)?;
+        let logits = self.step_batch(&mut batch, blocks)?;
+        if blocks[0].len() == self.manifest.fam.block_len {
+            for (state, next) in states.iter_mut().zip(batch.into_streams()?) {
+                *state = next;
+            }
+        }
+        Ok(logits)
+    }
+
+    /// [`FamModel::step`] for a batch held together: its state stays in the backend from call to
+    /// call. `blocks` holds one block per stream of the batch.
+    pub fn step_batch(
+        &self,
+        batch: &mut BatchState,
+        blocks: &[&[u32]],
+    ) -> Result<Vec<Array2<f32>>> {
+        if batch.len() != blocks.len() || batch.is_empty() {
+            return Err(Error::Input(format!(
+                "a batch needs one block per stream: {} streams, {} blocks",
+                batch.len(),
+                blocks.len()
+            )));
+        }
+        let (logits, next) = self.run_block(
+            &batch.block_indices,
+            &batch.current,
+            Some(&mut batch.spare),
+            blocks,
+        )?;
+        if let Some(next) = next {
+            batch.spare = std::mem::replace(&mut batch.current, next);
+            for tau in &mut batch.block_indices {
+                *tau += 1;
+            }
+        }
+        Ok(logits)
+    }
+
+    /// The logits [T, V] of one stream's next (possibly full) block, without advancing it.
+    pub fn preview(&self, state: &StreamState, block: &[u32]) -> Result<Array2<f32>> {
+        let (mut logits, _) =
+            self.run_block(&[state.block_index], &state.current, None, &[block])?;
+        Ok(logits.remove(0))
+    }
+
+    /// Runs the block graph over a batch of states (one row per stream). `spare`: the buffers to
+    /// write the next state into, or `None` not to advance (the next state is not returned).
+    fn run_block(
+        &self,
+        block_indices: &[usize],
+        state: &[Value],
+        spare: Option<&mut Vec<Value>>,
+        blocks: &[&[u32]],
+    ) -> Result<BlockRun> {
+        let l_len = self.manifest.fam.block_len;
+        let vocab = self.manifest.model.vocab_size;
         let t = blocks[0].len();
         if t == 0 || t > l_len || blocks.iter().any(|b| b.len() != t) {
             return Err(Error::Input(format!(
@@ -197,7 +427,7 @@ impl FamModel {
                 blocks.iter().map(|b| b.len()).collect::<Vec<_>>()
             )));
         }
-        let batch = states.len();
+        let batch = blocks.len();
         let mut ids = Vec::with_capacity(batch * t);
         for (s, block) in blocks.iter().enumerate() {
             for (i, &id) in block.iter().enumerate() {
@@ -209,56 +439,82 @@ impl FamModel {
                 ids.push(id as i64);
             }
         }
-        let mut inputs = vec![
-            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, t]), ids).expect("sized")),
-            Tensor::I64(
-                ArrayD::from_shape_vec(
-                    IxDyn(&[batch]),
-                    states.iter().map(|s| s.block_index as i64).collect(),
-                )
-                .expect("sized"),
-            ),
-        ];
-        for i in 0..self.manifest.state.len() {
-            let views: Vec<_> = states
-                .iter()
-                .map(|s| s.tensors[i].view().insert_axis(Axis(0)))
-                .collect();
-            inputs.push(Tensor::F32(concatenate(Axis(0), &views).map_err(|e| {
-                Error::Input(format!("state `{}`: {e}", self.manifest.state[i].input))
-            })?));
+        if state.len() != self.manifest.state.len() {
+            return Err(Error::Input(format!(
+                "the stream state holds {} tensors, the model {}",
+                state.len(),
+                self.manifest.state.len()
+            )));
+        }
+        for (st, v) in self.manifest.state.iter().zip(state) {
+            if v.shape().len() != st.shape.len() + 1
+                || v.shape()[0] != batch
+                || v.shape()[1..] != st.shape[..]
+            {
+                return Err(Error::Input(format!(
+                    "state `{}` has shape {:?}, the model needs [{batch}, {}]",
+                    st.input,
+                    v.shape(),
+                    st.shape
+                        .iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        let ids = Value::host(Tensor::I64(
+            ArrayD::from_shape_vec(IxDyn(&[batch, t]), ids).expect("sized"),
+        ));
+        let tau = Value::host(Tensor::I64(
+            ArrayD::from_shape_vec(
+                IxDyn(&[batch]),
+                block_indices.iter().map(|&b| b as i64).collect(),
+            )
+            .expect("sized"),
+        ));
+        let mut inputs = vec![&ids, &tau];
+        inputs.extend(state.iter());
+        let advance = t == l_len && spare.is_some();
+        let mut spare = spare.map(std::mem::take).unwrap_or_default().into_iter();
+        let mut outputs = vec![OutputTo::Host];
+        for _ in state {
+            outputs.push(match (advance, self.opts.host_state, spare.next()) {
+                (true, true, _) => OutputTo::Host,
+                (true, false, Some(buffer)) => OutputTo::Reuse(buffer),
+                _ => OutputTo::Backend,
+            });
         }
         let outputs = {
             // a poisoned lock only means another stream's call panicked; the runner itself is intact
             let mut runner = self.block.lock().unwrap_or_else(|e| e.into_inner());
-            runner.run(inputs)?
+            runner.run_values(&inputs, outputs)?
         };
         let mut outputs = outputs.into_iter();
         let logits = outputs
             .next()
-            .ok_or_else(|| self.backend_error("no logits output"))?;
+            .ok_or_else(|| self.backend_error("no logits output"))?
+            .into_host_f32()?;
         if logits.shape() != [batch, t, vocab] {
             return Err(self.backend_error(&format!(
                 "logits have shape {:?}, expected [{batch}, {t}, {vocab}]",
                 logits.shape()
             )));
         }
-        if t == l_len {
-            let next: Vec<ArrayD<f32>> = outputs.collect();
-            if next.len() != self.manifest.state.len() {
+        let next = if advance {
+            let next: Vec<Value> = outputs.collect();
+            if next.len() != state.len()
+                || next.iter().zip(state).any(|(n, v)| n.shape() != v.shape())
+            {
                 return Err(self.backend_error(
-                    "the block graph returned fewer state outputs than famc.json lists",
+                    "the block graph's state outputs do not match its state inputs (famc.json)",
                 ));
             }
-            for (s, state) in states.iter_mut().enumerate() {
-                state.tensors = next
-                    .iter()
-                    .map(|a| a.index_axis(Axis(0), s).to_owned())
-                    .collect();
-                state.block_index += 1;
-            }
-        }
-        Ok((0..batch)
+            Some(next)
+        } else {
+            None
+        };
+        let logits = (0..batch)
             .map(|s| {
                 logits
                     .index_axis(Axis(0), s)
@@ -266,7 +522,8 @@ impl FamModel {
                     .into_dimensionality()
                     .expect("rank 2")
             })
-            .collect())
+            .collect();
+        Ok((logits, next))
     }
 
     fn backend_error(&self, message: &str) -> Error {

@@ -14,7 +14,6 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::export::Manifest;
-use crate::session::StreamState;
 
 const FORMAT: &str = "famc-stream-state";
 const VERSION: &str = "1";
@@ -22,7 +21,11 @@ const VERSION: &str = "1";
 /// A stream's state plus what a streaming consumer needs to continue exactly where it stopped.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
-    pub state: StreamState,
+    /// Index τ of the stream's next block.
+    pub block_index: usize,
+    /// Host copies of the state tensors, in the order of the manifest's `state` list, without
+    /// the batch dimension.
+    pub state: Vec<ArrayD<f32>>,
     /// Tokens read after the last full block (the block being filled), at most L.
     pub pending: Vec<u32>,
     /// Sum of −log p over the predictions committed so far (those made inside full blocks).
@@ -54,17 +57,17 @@ fn checksum(meta: &BTreeMap<String, String>, tensors: &[(String, Vec<usize>, Vec
 impl Snapshot {
     /// Writes the snapshot for a stream of the model described by `manifest`, atomically.
     pub fn save(&self, path: &Path, manifest: &Manifest) -> Result<()> {
-        if self.state.tensors.len() != manifest.state.len() {
+        if self.state.len() != manifest.state.len() {
             return Err(Error::Input(format!(
                 "snapshot has {} state tensors, the model {}",
-                self.state.tensors.len(),
+                self.state.len(),
                 manifest.state.len()
             )));
         }
         let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = manifest
             .state
             .iter()
-            .zip(&self.state.tensors)
+            .zip(&self.state)
             .map(|(st, a)| {
                 let bytes = a.iter().flat_map(|v| v.to_le_bytes()).collect();
                 (st.input.clone(), a.shape().to_vec(), bytes)
@@ -82,7 +85,7 @@ impl Snapshot {
             ("fam_len", manifest.fam.fam_len.to_string()),
             ("mem_blocks", manifest.fam.mem_blocks.to_string()),
             ("dtype", manifest.dtype.clone()),
-            ("block_index", self.state.block_index.to_string()),
+            ("block_index", self.block_index.to_string()),
             ("pending", pending.join(" ")),
             ("nll_sum", format!("{:?}", self.nll_sum)),
             ("scored", self.scored.to_string()),
@@ -225,10 +228,8 @@ impl Snapshot {
             .parse()
             .map_err(|_| bad("`nll_sum` is not a number".into()))?;
         Ok(Snapshot {
-            state: StreamState {
-                block_index: num("block_index")? as usize,
-                tensors: arrays,
-            },
+            block_index: num("block_index")? as usize,
+            state: arrays,
             pending,
             nll_sum,
             scored: num("scored")?,

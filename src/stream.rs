@@ -7,7 +7,7 @@ use std::path::Path;
 use ndarray::ArrayView1;
 
 use crate::error::{Error, Result};
-use crate::session::{FamModel, StreamState};
+use crate::session::{BatchState, FamModel, StreamState};
 use crate::snapshot::Snapshot;
 
 /// Token ids parsed incrementally from whitespace-separated text (a file or stdin).
@@ -155,7 +155,7 @@ impl<'m> Scorer<'m> {
     pub fn resume(model: &'m FamModel, snap: Snapshot) -> Self {
         Scorer {
             model,
-            state: snap.state,
+            state: StreamState::from_host(snap.block_index, snap.state),
             pending: snap.pending,
             committed: ScoreStats {
                 tokens: snap.tokens_read,
@@ -197,60 +197,72 @@ impl<'m> Scorer<'m> {
     pub fn totals(&self) -> Result<ScoreStats> {
         let mut stats = self.committed;
         if self.pending.len() > 1 {
-            let mut state = self.state.clone();
-            let logits = self
-                .model
-                .step(std::slice::from_mut(&mut state), &[&self.pending])?;
+            let logits = self.model.preview(&self.state, &self.pending)?;
             for (i, target) in self.pending[1..].iter().enumerate() {
-                stats.nll_sum += nll(logits[0].row(i), *target);
+                stats.nll_sum += nll(logits.row(i), *target);
             }
             stats.scored += self.pending.len() as u64 - 1;
         }
         Ok(stats)
     }
 
-    /// The stream's whole state after its last full block, with the tokens read since.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            state: self.state.clone(),
+    /// The stream's whole state after its last full block, with the tokens read since (the
+    /// state copied out of the backend).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot {
+            block_index: self.state.block_index(),
+            state: self.state.to_host()?,
             pending: self.pending.clone(),
             nll_sum: self.committed.nll_sum,
             scored: self.committed.scored,
             tokens_read: self.committed.tokens,
-        }
+        })
     }
 }
 
 /// Scores several independent streams, running the blocks of streams at the same stage as one
-/// batch; each result equals scoring that stream alone.
+/// batch whose state stays in the backend; each result equals scoring that stream alone.
 pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStats>> {
     let l = model.fam_params().block_len;
-    let mut states: Vec<StreamState> = streams.iter().map(|_| model.new_state()).collect();
     let mut stats = vec![ScoreStats::default(); streams.len()];
     for (s, ids) in streams.iter().enumerate() {
         stats[s].tokens = ids.len() as u64;
     }
+    // a stream scores full blocks while one more token follows: live at `start` iff len > start + l
+    let mut live: Vec<usize> = (0..streams.len()).collect();
+    let mut batch = model.new_batch(streams.len())?;
+    let mut finished: Vec<Option<StreamState>> = (0..streams.len()).map(|_| None).collect();
     let mut start = 0;
     loop {
-        // streams whose block at `start` is full and followed by a token
-        let live: Vec<usize> = (0..streams.len())
-            .filter(|&s| streams[s].len() > start + l)
-            .collect();
-        if live.is_empty() {
-            break;
+        let still: Vec<bool> = live.iter().map(|&s| streams[s].len() > start + l).collect();
+        if still.iter().any(|&k| !k) {
+            // streams leaving the batch keep their state for the tail
+            let leaving: Vec<usize> = (0..live.len()).filter(|&i| !still[i]).collect();
+            let all = batch.into_streams()?;
+            let mut kept = Vec::new();
+            for (i, state) in all.into_iter().enumerate() {
+                if leaving.contains(&i) {
+                    finished[live[i]] = Some(state);
+                } else {
+                    kept.push(state);
+                }
+            }
+            live.retain(|&s| streams[s].len() > start + l);
+            if live.is_empty() {
+                break;
+            }
+            batch = BatchState::from_streams(&kept)?;
         }
-        let mut batch: Vec<StreamState> = live.iter().map(|&s| states[s].clone()).collect();
         let blocks: Vec<&[u32]> = live
             .iter()
             .map(|&s| &streams[s][start..start + l])
             .collect();
-        let logits = model.step(&mut batch, &blocks)?;
-        for ((&s, st), lg) in live.iter().zip(batch).zip(logits) {
+        let logits = model.step_batch(&mut batch, &blocks)?;
+        for (&s, lg) in live.iter().zip(logits) {
             for i in 0..l {
                 stats[s].nll_sum += nll(lg.row(i), streams[s][start + i + 1]);
             }
             stats[s].scored += l as u64;
-            states[s] = st;
         }
         start += l;
     }
@@ -258,9 +270,10 @@ pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStat
         let done = (stats[s].scored as usize).min(ids.len());
         let tail = &ids[done..];
         if tail.len() > 1 {
-            let logits = model.step(std::slice::from_mut(&mut states[s]), &[tail])?;
+            let state = finished[s].as_ref().expect("every stream leaves the batch");
+            let logits = model.preview(state, tail)?;
             for (i, target) in tail[1..].iter().enumerate() {
-                stats[s].nll_sum += nll(logits[0].row(i), *target);
+                stats[s].nll_sum += nll(logits.row(i), *target);
             }
             stats[s].scored += tail.len() as u64 - 1;
         }

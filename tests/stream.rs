@@ -152,11 +152,14 @@ fn snapshot_then_resume_equals_an_uninterrupted_run() {
                 let m = FamModel::open(&out, backend, &RunOptions::default()).unwrap();
                 let mut s = Scorer::new(&m);
                 s.push(&ids[..cut]).unwrap();
-                s.snapshot().save(&snap_path, m.manifest()).unwrap();
+                s.snapshot()
+                    .unwrap()
+                    .save(&snap_path, m.manifest())
+                    .unwrap();
             }
             let m = FamModel::open(&out, backend, &RunOptions::default()).unwrap();
             let snap = Snapshot::load(&snap_path, m.manifest()).unwrap();
-            assert_eq!(snap.state.block_index * 4 + snap.pending.len(), cut);
+            assert_eq!(snap.block_index * 4 + snap.pending.len(), cut);
             let mut s = Scorer::resume(&m, snap);
             s.push(&ids[cut..]).unwrap();
             let resumed = s.totals().unwrap();
@@ -223,7 +226,7 @@ fn corrupt_or_foreign_snapshots_are_refused() {
     let mut s = Scorer::new(&m);
     s.push(&Rng::new(2).tokens(13, 40)).unwrap();
     let path = tmp.path().join("s.state");
-    s.snapshot().save(&path, m.manifest()).unwrap();
+    s.snapshot().unwrap().save(&path, m.manifest()).unwrap();
     assert!(Snapshot::load(&path, m.manifest()).is_ok());
 
     let err =

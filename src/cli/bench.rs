@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also run each configuration with its state copied out to host arrays after every block
+    /// and token (`--host-state`), right after the normal runs on the same loaded model: what
+    /// keeping the state in the backend's values saves.
+    #[arg(long, conflicts_with = "sweep")]
+    pub compare_state: bool,
     /// Only this configuration of --compare: fam, bswa or causal.
     #[arg(long, value_parser = ["fam", "bswa", "causal"])]
     pub only: Option<String>,
@@ -98,6 +103,9 @@ fn sweep(
                 cmd.args(["--ort-opt-level", level.name()]);
             }
             cmd.args(opts.ep.cli_args());
+            if opts.host_state {
+                cmd.arg("--host-state");
+            }
             cmd.arg("--json").arg(&out);
             let status = cmd.stdout(std::process::Stdio::null()).status()?;
             if !status.success() {
@@ -188,6 +196,11 @@ pub fn run(
         }
     };
     let mut configs: Vec<(String, FamModel)> = Vec::new();
+    let state_modes: &[bool] = if args.compare_state {
+        &[false, true]
+    } else {
+        &[opts.host_state]
+    };
     match &ck_dir {
         Some(dir) => {
             let ck = Checkpoint::load(dir)?;
@@ -236,15 +249,22 @@ pub fn run(
         opts.ep.kind.name()
     );
     let mut results = Vec::new();
-    for (name, model) in &configs {
-        let tokens = args.tokens.unwrap_or(4 * model.fam_params().block_len);
-        let r = bench_model(model, tokens, args.decode_tokens, args.runs)?;
-        let p = model.fam_params();
-        let fraction = preset_spec.as_ref().map(|s| {
-            let keys = p.mem_len() + p.fam_len + p.block_len / 2;
-            r.prefill_tokens_per_s * flops_per_token(s, keys) / 1e9 / gflops
-        });
-        println!(
+    for (name, model) in &mut configs {
+        for &host_state in state_modes {
+            model.set_host_state(host_state);
+            let name = if host_state && args.compare_state {
+                format!("{name}/host-state")
+            } else {
+                name.clone()
+            };
+            let tokens = args.tokens.unwrap_or(4 * model.fam_params().block_len);
+            let r = bench_model(model, tokens, args.decode_tokens, args.runs)?;
+            let p = model.fam_params();
+            let fraction = preset_spec.as_ref().map(|s| {
+                let keys = p.mem_len() + p.fam_len + p.block_len / 2;
+                r.prefill_tokens_per_s * flops_per_token(s, keys) / 1e9 / gflops
+            });
+            println!(
             "{name:<7} L={:<5} F={:<3} M={:<3} prefill {:>9.1} tok/s  {:>8.2} ms/block  decode {:>8.1} tok/s  peak RSS {:>7.1} MiB{}",
             p.block_len,
             p.fam_len,
@@ -255,8 +275,10 @@ pub fn run(
             r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
             fraction.map_or(String::new(), |f| format!("  {:.1}% of matmul peak", 100.0 * f)),
         );
-        results
-            .push(serde_json::json!({"config": name, "report": r, "fraction_of_matmul": fraction}));
+            results.push(
+                serde_json::json!({"config": name, "report": r, "fraction_of_matmul": fraction}),
+            );
+        }
     }
     if let Some(path) = &args.json {
         let j = serde_json::json!({

@@ -141,7 +141,7 @@ pub fn score(
     let stats = scorer.totals()?;
     let secs = start.elapsed().as_secs_f64();
     if let Some(p) = &args.save_state {
-        scorer.snapshot().save(p, &manifest)?;
+        scorer.snapshot()?.save(p, &manifest)?;
     }
     if stats.scored == 0 {
         bail!("nothing to score: at least two tokens are needed (token i predicts token i + 1)");

@@ -178,13 +178,13 @@ impl Runner {
             Runner::Graphs(m) => {
                 let l_len = m.fam_params().block_len;
                 for group in seqs.chunks(batch.max(1)) {
-                    let mut states: Vec<_> = group.iter().map(|_| m.new_state()).collect();
+                    let mut states = m.new_batch(group.len())?;
                     let len = group[0].len();
                     let mut last = Vec::new();
                     for start in (0..len).step_by(l_len) {
                         let end = (start + l_len).min(len);
                         let blocks: Vec<&[u32]> = group.iter().map(|s| &s[start..end]).collect();
-                        last = m.step(&mut states, &blocks)?;
+                        last = m.step_batch(&mut states, &blocks)?;
                     }
                     out.extend(last.iter().map(|l| l.row(l.nrows() - 1).to_vec()));
                 }

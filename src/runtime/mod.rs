@@ -121,6 +121,165 @@ impl fmt::Display for IoSpec {
     }
 }
 
+/// A tensor fed to or returned by a graph: a host array, or a tensor held by the backend that
+/// produced it (an ONNX Runtime value, in device memory for a GPU session; a tract tensor), which
+/// goes back into the next run of that backend without a copy through host arrays.
+#[derive(Debug)]
+pub struct Value {
+    inner: ValueInner,
+    shape: Vec<usize>,
+    elem_type: ElemType,
+}
+
+#[derive(Debug)]
+enum ValueInner {
+    Host(Tensor),
+    Tract(tract::TractValue),
+    Ort(ort::OrtValue),
+}
+
+impl Value {
+    /// A host tensor.
+    pub fn host(t: impl Into<Tensor>) -> Value {
+        let t = t.into();
+        Value {
+            shape: t.shape().to_vec(),
+            elem_type: t.elem_type(),
+            inner: ValueInner::Host(t),
+        }
+    }
+
+    pub(crate) fn tract(v: tract::TractValue, shape: Vec<usize>, elem_type: ElemType) -> Value {
+        Value {
+            inner: ValueInner::Tract(v),
+            shape,
+            elem_type,
+        }
+    }
+
+    pub(crate) fn ort(v: ort::OrtValue, shape: Vec<usize>, elem_type: ElemType) -> Value {
+        Value {
+            inner: ValueInner::Ort(v),
+            shape,
+            elem_type,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The element type.
+    pub fn elem_type(&self) -> &ElemType {
+        &self.elem_type
+    }
+
+    /// The host tensor, when the value is one.
+    pub fn as_host(&self) -> Option<&Tensor> {
+        match &self.inner {
+            ValueInner::Host(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The backend holding the value (`None`: a host array).
+    pub fn backend(&self) -> Option<BackendKind> {
+        match &self.inner {
+            ValueInner::Host(_) => None,
+            ValueInner::Tract(_) => Some(BackendKind::Tract),
+            ValueInner::Ort(_) => Some(BackendKind::Ort),
+        }
+    }
+
+    /// Where the data lies, for messages and `famc doctor`: `host`, `tract`, `ort cpu`, or
+    /// `ort cuda:0`.
+    pub fn location(&self) -> String {
+        match &self.inner {
+            ValueInner::Host(_) => "host".into(),
+            ValueInner::Tract(_) => "tract".into(),
+            ValueInner::Ort(v) => format!("ort {}", v.device()),
+        }
+    }
+
+    /// The address of the first element, to tell buffers apart (double buffering reuses two);
+    /// `None` when the backend does not say.
+    pub fn data_address(&self) -> Option<usize> {
+        match &self.inner {
+            ValueInner::Host(Tensor::F32(a)) => Some(a.as_ptr() as usize),
+            ValueInner::Host(Tensor::I64(a)) => Some(a.as_ptr() as usize),
+            ValueInner::Tract(v) => Some(v.data_address()),
+            ValueInner::Ort(v) => v.data_address(),
+        }
+    }
+
+    /// A host copy as float32 (copied from device memory when the value lies there).
+    pub fn to_host_f32(&self) -> Result<ArrayD<f32>> {
+        match &self.inner {
+            ValueInner::Host(Tensor::F32(a)) => Ok(a.clone()),
+            ValueInner::Host(Tensor::I64(a)) => Ok(a.mapv(|v| v as f32)),
+            ValueInner::Tract(v) => v.to_array_f32(),
+            ValueInner::Ort(v) => v.to_array_f32(),
+        }
+    }
+
+    /// As [`Value::to_host_f32`], without a copy when the value is a host float32 array.
+    pub fn into_host_f32(self) -> Result<ArrayD<f32>> {
+        match self.inner {
+            ValueInner::Host(Tensor::F32(a)) => Ok(a),
+            _ => self.to_host_f32(),
+        }
+    }
+
+    /// A host tensor: the value's own when it is one, else a copy (float32).
+    pub(crate) fn host_tensor(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        match &self.inner {
+            ValueInner::Host(t) => Ok(std::borrow::Cow::Borrowed(t)),
+            _ => Ok(std::borrow::Cow::Owned(Tensor::F32(self.to_host_f32()?))),
+        }
+    }
+
+    pub(crate) fn as_tract(&self) -> Option<&tract::TractValue> {
+        match &self.inner {
+            ValueInner::Tract(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_ort(&self) -> Option<&ort::OrtValue> {
+        match &self.inner {
+            ValueInner::Ort(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn into_ort(self) -> Option<ort::OrtValue> {
+        match self.inner {
+            ValueInner::Ort(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl From<Tensor> for Value {
+    fn from(t: Tensor) -> Self {
+        Value::host(t)
+    }
+}
+
+/// Where [`GraphRunner::run_values`] leaves an output.
+#[derive(Debug)]
+pub enum OutputTo {
+    /// A host float32 array ([`Value::as_host`]).
+    Host,
+    /// Held by the backend, in the session's own memory (device memory for a GPU session).
+    Backend,
+    /// Held by the backend, written into this spent value of an earlier run, which must have the
+    /// output's shape (double buffering: no allocation per run). Backends that cannot write into
+    /// a given buffer (tract) drop it and allocate, as for [`OutputTo::Backend`].
+    Reuse(Value),
+}
+
 /// A loaded graph, ready to run many times.
 pub trait GraphRunner: Send {
     /// The graph's input names, in the order [`GraphRunner::run`] takes them.
@@ -131,8 +290,23 @@ pub trait GraphRunner: Send {
     fn input_specs(&self) -> &[IoSpec];
     /// The backend running this graph.
     fn backend(&self) -> BackendKind;
+    /// Inputs in input_names() order; returns every output in output_names() order, each where
+    /// `outputs` says. Inputs may be host tensors or values this backend returned earlier (values
+    /// of the other backend go through the host).
+    fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>>;
+
     /// Inputs in input_names() order; returns every output in output_names() order, as f32.
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>>;
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
+        let values: Vec<Value> = inputs.into_iter().map(Value::host).collect();
+        let refs: Vec<&Value> = values.iter().collect();
+        let outputs = (0..self.output_names().len())
+            .map(|_| OutputTo::Host)
+            .collect();
+        self.run_values(&refs, outputs)?
+            .into_iter()
+            .map(Value::into_host_f32)
+            .collect()
+    }
 }
 
 /// Which backend runs a graph.
@@ -242,6 +416,10 @@ pub struct RunOptions {
     /// The ONNX Runtime execution provider and its options (default: the CPU). Anything but the
     /// CPU is refused by tract. See [`ep`].
     pub ep: EpConfig,
+    /// Copy a stream's state out to host arrays after every block and back in for the next,
+    /// instead of keeping it in the backend's values (a diagnostic, for measuring what keeping
+    /// it there saves; `famc bench --host-state`).
+    pub host_state: bool,
 }
 
 impl RunOptions {
@@ -301,7 +479,7 @@ pub(crate) fn check_inputs(
     kind: BackendKind,
     path: &Path,
     specs: &[IoSpec],
-    inputs: &[Tensor],
+    inputs: &[&Value],
 ) -> Result<()> {
     if inputs.len() != specs.len() {
         let names = if specs.is_empty() {
@@ -322,7 +500,7 @@ pub(crate) fn check_inputs(
     let mut named: Vec<(&str, usize, &str)> = Vec::new(); // (symbol, value, input that set it)
     for (ix, (spec, t)) in specs.iter().zip(inputs).enumerate() {
         let given = || format!("{} [{}]", t.elem_type(), join(t.shape().iter()));
-        if spec.elem_type != t.elem_type() {
+        if spec.elem_type != *t.elem_type() {
             return Err(backend_error(
                 kind,
                 path,
@@ -371,4 +549,25 @@ pub(crate) fn check_inputs(
         }
     }
     Ok(())
+}
+
+/// Checks that `outputs` has one entry per graph output.
+pub(crate) fn check_outputs(
+    kind: BackendKind,
+    path: &Path,
+    names: &[String],
+    outputs: &[OutputTo],
+) -> Result<()> {
+    if outputs.len() == names.len() {
+        return Ok(());
+    }
+    Err(backend_error(
+        kind,
+        path,
+        format!(
+            "the graph has {} output(s), {} placement(s) given",
+            names.len(),
+            outputs.len()
+        ),
+    ))
 }

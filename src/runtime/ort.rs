@@ -2,8 +2,10 @@
 //! library is found at run time ([`find_ort_library`]), its version checked (at least
 //! [`ORT_MIN_VERSION`]) before `ort` touches it, and `ort` initialised from it once per process.
 //!
-//! State stays host-side: inputs are handed to ONNX Runtime as borrowed views of the caller's
-//! arrays (no copy), and each output is copied out once, as f32.
+//! Every run goes through an `IoBinding`: host inputs are copied in, values of earlier runs
+//! ([`super::Value`]) are bound as they are, host outputs are copied out once as f32, and outputs
+//! kept in the backend stay in ONNX Runtime's memory (the GPU's, for CUDA and TensorRT sessions),
+//! written into a spent buffer of an earlier run when the caller gives one (double buffering).
 //!
 //! Sessions run on ONNX Runtime's CPU provider unless [`RunOptions::ep`] asks for CUDA or
 //! TensorRT: then the providers of the [`ep::plan`] are registered, each failing loudly: a library
@@ -17,15 +19,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 use ::ort::environment::Environment;
+use ::ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ::ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ::ort::session::{Session, SessionInputValue};
-use ::ort::value::{TensorElementType, TensorRef, ValueType};
+use ::ort::session::Session;
+use ::ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use ndarray::{ArrayD, IxDyn};
 
 use super::ep::{self, EpKind, EpPlan, GraphFacts, Versions};
 use super::{
-    backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, OrtOptLevel,
-    RunOptions, Tensor,
+    backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec,
+    OrtOptLevel, OutputTo, RunOptions, Tensor, Value,
 };
 use crate::{Error, Result};
 
@@ -506,6 +509,10 @@ pub struct OrtRunner {
     output_names: Vec<String>,
     input_specs: Vec<IoSpec>,
     plan: EpPlan,
+    /// Where outputs kept in the backend are allocated: the GPU for CUDA and TensorRT sessions.
+    backend_memory: MemoryInfo<'static>,
+    /// Where host outputs are allocated (CPU memory the caller reads).
+    host_memory: MemoryInfo<'static>,
 }
 
 impl fmt::Debug for OrtRunner {
@@ -702,6 +709,22 @@ impl OrtRunner {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
+        let memory = |device: AllocationDevice, id: i32, ty: MemoryType| {
+            MemoryInfo::new(device, id, AllocatorType::Device, ty)
+                .map_err(|e| err("cannot describe the session's memory", &e))
+        };
+        let (backend_memory, host_memory) = if plan.kind == EpKind::Cpu {
+            (
+                memory(AllocationDevice::CPU, 0, MemoryType::Default)?,
+                memory(AllocationDevice::CPU, 0, MemoryType::Default)?,
+            )
+        } else {
+            let id = opts.ep.device_id.unwrap_or(0) as i32;
+            (
+                memory(AllocationDevice::CUDA, id, MemoryType::Default)?,
+                memory(AllocationDevice::CPU, 0, MemoryType::CPUOutput)?,
+            )
+        };
         Ok(OrtRunner {
             path: path.to_path_buf(),
             session,
@@ -709,6 +732,8 @@ impl OrtRunner {
             output_names,
             input_specs,
             plan,
+            backend_memory,
+            host_memory,
         })
     }
 
@@ -718,7 +743,7 @@ impl OrtRunner {
     }
 
     /// Checks the run's symbolic dimensions against what the TensorRT engine was built for.
-    fn check_limits(&self, inputs: &[Tensor]) -> Result<()> {
+    fn check_limits(&self, inputs: &[&Value]) -> Result<()> {
         for limit in &self.plan.limits {
             for (spec, t) in self.input_specs.iter().zip(inputs) {
                 let Some(dims) = &spec.shape else { continue };
@@ -763,62 +788,147 @@ impl GraphRunner for OrtRunner {
         KIND
     }
 
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
-        check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
-        self.check_limits(&inputs)?;
+    fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>> {
+        check_inputs(KIND, &self.path, &self.input_specs, inputs)?;
+        check_outputs(KIND, &self.path, &self.output_names, &outputs)?;
+        self.check_limits(inputs)?;
         let path = &self.path;
-        // Borrowed: ONNX Runtime reads the arrays where they lie (no copy, no allocation).
-        let values: Vec<SessionInputValue<'_>> = inputs
-            .iter()
-            .zip(&self.input_names)
-            .map(|(t, name)| {
-                match t {
-                    Tensor::F32(a) => input_value(a),
-                    Tensor::I64(a) => input_value(a),
-                }
-                .map_err(|e| backend_error(KIND, path, format!("input `{name}`: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        let outputs = self
+        let fail =
+            |what: String, e: ::ort::Error| backend_error(KIND, path, format!("{what}: {e}"));
+        let mut binding = self
             .session
-            .run(&values[..])
-            .map_err(|e| backend_error(KIND, path, format!("run failed: {e}")))?;
-        // One copy per output, out of ONNX Runtime's buffer: `ort` binds outputs only to tensors
-        // it allocated, so the data cannot land in an `ndarray` buffer of ours directly.
+            .create_binding()
+            .map_err(|e| fail("cannot create an IoBinding".into(), e))?;
+        for (name, value) in self.input_names.iter().zip(inputs) {
+            let bound = match value.as_ort() {
+                Some(v) => binding.bind_input(name.as_str(), &v.0),
+                None => match &*value.host_tensor()? {
+                    Tensor::F32(a) => bind_host(&mut binding, name, a),
+                    Tensor::I64(a) => bind_host(&mut binding, name, a),
+                },
+            };
+            bound.map_err(|e| fail(format!("cannot bind input `{name}`"), e))?;
+        }
+        let mut host = Vec::with_capacity(outputs.len());
+        for (name, place) in self.output_names.iter().zip(outputs) {
+            host.push(matches!(place, OutputTo::Host));
+            let bound = match place {
+                OutputTo::Host => binding.bind_output_to_device(name.as_str(), &self.host_memory),
+                OutputTo::Reuse(v) if v.as_ort().is_some_and(|o| o.is_in(&self.backend_memory)) => {
+                    let buffer = v.into_ort().expect("an ONNX Runtime value");
+                    binding.bind_output(name.as_str(), buffer.0)
+                }
+                OutputTo::Backend | OutputTo::Reuse(_) => {
+                    binding.bind_output_to_device(name.as_str(), &self.backend_memory)
+                }
+            };
+            bound.map_err(|e| fail(format!("cannot bind output `{name}`"), e))?;
+        }
+        let mut results = self
+            .session
+            .run_binding(&binding)
+            .map_err(|e| fail("run failed".into(), e))?;
         self.output_names
             .iter()
-            .map(|name| {
-                let value = outputs.get(name.as_str()).ok_or_else(|| {
+            .zip(host)
+            .map(|(name, host)| {
+                let value = results.remove(name.as_str()).ok_or_else(|| {
                     backend_error(KIND, path, format!("output `{name}` missing from the run"))
                 })?;
-                let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
+                let dtype = value.dtype().to_string();
+                let tensor = value.downcast::<DynTensorValueType>().map_err(|e| {
                     backend_error(
                         KIND,
                         path,
-                        format!(
-                            "output `{name}` ({}) is not a float32 tensor: {e}",
-                            value.dtype()
-                        ),
+                        format!("output `{name}` ({dtype}) is not a tensor: {e}"),
                     )
                 })?;
-                let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-                ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec())
-                    .map_err(|e| backend_error(KIND, path, format!("output `{name}`: {e}")))
+                let kept = OrtValue(tensor);
+                if host {
+                    kept.to_array_f32()
+                        .map(Value::host)
+                        .map_err(|e| backend_error(KIND, path, format!("output `{name}`: {e}")))
+                } else {
+                    let (shape, elem) = kept.shape_and_type();
+                    Ok(Value::ort(kept, shape, elem))
+                }
             })
             .collect()
     }
 }
 
-/// A borrowed view of `a` for ONNX Runtime; a copy only when `a` is not in standard (C) layout.
-fn input_value<T>(a: &ArrayD<T>) -> ::ort::Result<SessionInputValue<'_>>
+fn bind_host<T>(
+    binding: &mut ::ort::session::IoBinding,
+    name: &str,
+    a: &ArrayD<T>,
+) -> ::ort::Result<()>
 where
     T: ::ort::value::PrimitiveTensorElementType + Clone + fmt::Debug + 'static,
 {
-    if a.is_standard_layout() {
-        TensorRef::from_array_view(a.view()).map(SessionInputValue::from)
-    } else {
-        ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
-            .map(SessionInputValue::from)
+    // An owned copy: `ort` clones a borrowed tensor on binding through an identity session whose
+    // own binding clones again under the same lock (a deadlock in 2.0.0-rc.15).
+    let owned = ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())?;
+    binding.bind_input(name, &owned)
+}
+
+/// A tensor ONNX Runtime returned, kept in its memory (host or device) to feed a later run.
+#[derive(Debug)]
+pub struct OrtValue(DynTensor);
+
+impl OrtValue {
+    fn is_in(&self, memory: &MemoryInfo<'_>) -> bool {
+        let mine = self.0.memory_info();
+        mine.allocation_device() == memory.allocation_device()
+            && mine.device_id() == memory.device_id()
+    }
+
+    fn shape_and_type(&self) -> (Vec<usize>, ElemType) {
+        let shape = self.0.shape().iter().map(|&d| d.max(0) as usize).collect();
+        let elem = match self.0.data_type() {
+            TensorElementType::Float32 => ElemType::F32,
+            TensorElementType::Int64 => ElemType::I64,
+            other => ElemType::Other(format!("{other:?}").to_lowercase()),
+        };
+        (shape, elem)
+    }
+
+    /// The device holding the data: `cpu`, `cuda:0`, ….
+    pub(crate) fn device(&self) -> String {
+        let info = self.0.memory_info();
+        let device = info.allocation_device().as_str().to_ascii_lowercase();
+        if info.is_cpu_accessible() {
+            device
+        } else {
+            format!("{device}:{}", info.device_id())
+        }
+    }
+
+    pub(crate) fn data_address(&self) -> Option<usize> {
+        Some(self.0.data_ptr() as usize)
+    }
+
+    /// A host copy as f32 (through a device-to-host copy for device memory).
+    pub(crate) fn to_array_f32(&self) -> Result<ArrayD<f32>> {
+        let fail = |e: ::ort::Error| ort_error(format!("cannot read a tensor back: {e}"));
+        let on_host;
+        let tensor = if self.0.memory_info().is_cpu_accessible() {
+            &self.0
+        } else {
+            on_host = self.0.to(AllocationDevice::CPU, 0).map_err(fail)?;
+            &on_host
+        };
+        let shape: Vec<usize> = tensor.shape().iter().map(|&d| d.max(0) as usize).collect();
+        let data = match tensor.data_type() {
+            TensorElementType::Float32 => {
+                tensor.try_extract_tensor::<f32>().map_err(fail)?.1.to_vec()
+            }
+            other => {
+                return Err(ort_error(format!(
+                    "a {other:?} tensor cannot be read as float32"
+                )))
+            }
+        };
+        ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| ort_error(e.to_string()))
     }
 }
 

@@ -29,8 +29,8 @@ use tract_onnx::prelude::{
 };
 
 use super::{
-    backend_error, check_inputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec, RunOptions,
-    Tensor,
+    backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec,
+    OutputTo, RunOptions, Tensor, Value,
 };
 use crate::{Error, Result};
 
@@ -253,7 +253,12 @@ impl TractRunner {
         self.last_plan
     }
 
-    fn run_inner(&mut self, kind: PlanKind, inputs: TVec<TValue>) -> Result<Vec<ArrayD<f32>>> {
+    fn run_inner(
+        &mut self,
+        kind: PlanKind,
+        inputs: TVec<TValue>,
+        places: Vec<OutputTo>,
+    ) -> Result<Vec<Value>> {
         let (plan, state) = match (kind, &mut self.fixed) {
             (PlanKind::Fixed, Some(f)) => (&f.plan, &mut f.state),
             _ => (&self.plan, &mut self.state),
@@ -270,23 +275,27 @@ impl TractRunner {
         outputs
             .into_iter()
             .zip(&self.output_names)
-            .map(|(t, name)| {
+            .zip(places)
+            .map(|((t, name), place)| {
                 let dt = t.datum_type();
-                let cast = match dt {
-                    DatumType::F32 | DatumType::F16 | DatumType::F64 => t.cast_to::<f32>().ok(),
-                    _ => None,
-                };
-                let Some(cast) = cast else {
+                if !matches!(dt, DatumType::F32 | DatumType::F16 | DatumType::F64) {
                     return Err(backend_error(
                         KIND,
                         &self.path,
                         format!("output `{name}` is {dt:?}, not a float tensor"),
                     ));
-                };
-                let view = cast.to_plain_array_view::<f32>().map_err(|e| {
-                    backend_error(KIND, &self.path, format!("output `{name}`: {e:#}"))
+                }
+                let shape = t.shape().to_vec();
+                if !matches!(place, OutputTo::Host) && dt == DatumType::F32 {
+                    return Ok(Value::tract(TractValue(t), shape, ElemType::F32));
+                }
+                let array = TractValue(t).to_array_f32().map_err(|e| {
+                    backend_error(KIND, &self.path, format!("output `{name}`: {e}"))
                 })?;
-                Ok(view.to_owned())
+                Ok(match place {
+                    OutputTo::Host => Value::host(array),
+                    _ => Value::tract(TractValue(array.into_tvalue()), shape, ElemType::F32),
+                })
             })
             .collect()
     }
@@ -309,8 +318,9 @@ impl GraphRunner for TractRunner {
         KIND
     }
 
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {
-        check_inputs(KIND, &self.path, &self.input_specs, &inputs)?;
+    fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>> {
+        check_inputs(KIND, &self.path, &self.input_specs, inputs)?;
+        check_outputs(KIND, &self.path, &self.output_names, &outputs)?;
         let kind = match &self.fixed {
             Some(f)
                 if f.dims
@@ -321,14 +331,20 @@ impl GraphRunner for TractRunner {
             }
             _ => PlanKind::Symbolic,
         };
+        // tract's own values go back in as they are (shared, no copy); host arrays are copied in
         let values: TVec<TValue> = inputs
-            .into_iter()
-            .map(|t| match t {
-                Tensor::F32(a) => a.into_tvalue(),
-                Tensor::I64(a) => a.into_tvalue(),
+            .iter()
+            .map(|v| -> Result<TValue> {
+                if let Some(t) = v.as_tract() {
+                    return Ok(t.0.clone());
+                }
+                Ok(match &*v.host_tensor()? {
+                    Tensor::F32(a) => a.clone().into_tvalue(),
+                    Tensor::I64(a) => a.clone().into_tvalue(),
+                })
             })
-            .collect();
-        let result = self.run_inner(kind, values);
+            .collect::<Result<_>>()?;
+        let result = self.run_inner(kind, values, outputs);
         match (&result, kind) {
             (Ok(_), _) => self.last_plan = Some(kind),
             (Err(_), PlanKind::Fixed) => {
@@ -393,4 +409,24 @@ fn widened_bf16(path: &Path) -> Result<Option<Vec<u8>>> {
         }
     }
     Ok(Some(crate::builder::encode_model(&model)))
+}
+
+/// A tensor tract returned, kept to feed a later run (shared, not copied).
+#[derive(Debug, Clone)]
+pub struct TractValue(TValue);
+
+impl TractValue {
+    pub(crate) fn data_address(&self) -> usize {
+        self.0.as_bytes().as_ptr() as usize
+    }
+
+    pub(crate) fn to_array_f32(&self) -> Result<ArrayD<f32>> {
+        let fail = |e: tract_onnx::prelude::TractError| Error::Backend {
+            backend: KIND.name(),
+            message: format!("cannot read a tract tensor as float32: {e:#}"),
+        };
+        let cast = self.0.cast_to::<f32>().map_err(fail)?;
+        let view = cast.to_plain_array_view::<f32>().map_err(fail)?;
+        Ok(view.to_owned())
+    }
 }

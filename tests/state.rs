@@ -1,0 +1,193 @@
+//! Where a stream's state lives between calls: in the backend's own values (ONNX Runtime values,
+//! double-buffered; tract tensors), never copied through host arrays per block, and the numbers
+//! still those of the f64 reference.
+
+mod common;
+
+use common::*;
+use famc::generate::{FamDecoder, LanguageModel};
+use famc::model::{Checkpoint, FamParams};
+use famc::reference::Reference;
+use famc::runtime::{BackendKind, RunOptions};
+use famc::session::{BatchState, FamModel};
+
+fn params() -> FamParams {
+    FamParams {
+        block_len: 4,
+        fam_len: 2,
+        mem_blocks: 2,
+    }
+}
+
+fn checkpoint() -> (tempfile::TempDir, Checkpoint) {
+    let spec = Spec {
+        fam_init_rows: Some(2),
+        seed: 21,
+        ..Spec::default()
+    };
+    let (tmp, dir, _) = temp_checkpoint(&spec);
+    (tmp, Checkpoint::load(&dir).unwrap())
+}
+
+fn diff_to<'a>(got: &[f32], want: impl Iterator<Item = &'a f64>) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&x, y)| (f64::from(x) - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn location(backend: BackendKind) -> &'static str {
+    match backend {
+        BackendKind::Tract => "tract",
+        BackendKind::Ort => "ort cpu",
+    }
+}
+
+#[test]
+fn state_stays_in_the_backend_and_ort_double_buffers_it() {
+    let (_t, ck) = checkpoint();
+    let r = Reference::new(&ck, params()).unwrap();
+    let ids = Rng::new(4).tokens(4 * 6 + 3, 40);
+    let want = r.forward(&ids).unwrap();
+    for backend in backends() {
+        let m = FamModel::compile(&ck, params(), backend, &RunOptions::default()).unwrap();
+        let mut state = [m.new_state()];
+        assert_eq!(
+            state[0].location(),
+            "host",
+            "a new stream starts from host arrays"
+        );
+        let mut addresses = Vec::new();
+        let mut rows = Vec::new();
+        for block in ids.chunks(4) {
+            rows.extend(m.step(&mut state, &[block]).unwrap());
+            assert_eq!(state[0].location(), location(backend));
+            addresses.push(state[0].values()[0].data_address().unwrap());
+        }
+        let got: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let diff = diff_to(&got, want.iter());
+        assert!(diff < 1e-4, "{backend}: {diff}");
+        if backend == BackendKind::Ort {
+            // from the third block on, each block writes into the buffers of the state before
+            // the last: two buffers, alternating, no allocation per block
+            let full = &addresses[..6];
+            for k in 1..full.len() - 2 {
+                assert_eq!(full[k + 2], full[k], "{addresses:?}");
+                assert_ne!(full[k + 1], full[k], "{addresses:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn host_state_diagnostic_gives_the_same_numbers_from_host_arrays() {
+    let (_t, ck) = checkpoint();
+    let r = Reference::new(&ck, params()).unwrap();
+    let ids = Rng::new(5).tokens(4 * 3 + 1, 40);
+    let want = r.forward(&ids).unwrap();
+    for backend in backends() {
+        let opts = RunOptions {
+            host_state: true,
+            ..RunOptions::default()
+        };
+        let m = FamModel::compile(&ck, params(), backend, &opts).unwrap();
+        let mut state = [m.new_state()];
+        let mut rows = Vec::new();
+        for block in ids.chunks(4) {
+            rows.extend(m.step(&mut state, &[block]).unwrap());
+            assert_eq!(state[0].location(), "host");
+        }
+        let got: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let diff = diff_to(&got, want.iter());
+        assert!(diff < 1e-4, "{backend}: {diff}");
+    }
+}
+
+#[test]
+fn a_batch_keeps_its_state_in_the_backend_and_splits_exactly() {
+    let (_t, ck) = checkpoint();
+    let r = Reference::new(&ck, params()).unwrap();
+    let streams: Vec<Vec<u32>> = (0..3).map(|s| Rng::new(30 + s).tokens(4 * 4, 40)).collect();
+    for backend in backends() {
+        let m = FamModel::compile(&ck, params(), backend, &RunOptions::default()).unwrap();
+        let mut batch = m.new_batch(3).unwrap();
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); 3];
+        for start in (0..8).step_by(4) {
+            let blocks: Vec<&[u32]> = streams.iter().map(|s| &s[start..start + 4]).collect();
+            for (s, l) in m
+                .step_batch(&mut batch, &blocks)
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                logits[s].extend(l.iter());
+            }
+        }
+        assert_eq!(batch.block_indices(), &[2, 2, 2]);
+        // drop the middle stream, continue the others as a batch, then split them
+        batch.retain(|s| s != 1).unwrap();
+        let blocks: Vec<&[u32]> = [0, 2].iter().map(|&s| &streams[s][8..12]).collect();
+        for (&s, l) in [0, 2]
+            .iter()
+            .zip(m.step_batch(&mut batch, &blocks).unwrap())
+        {
+            logits[s].extend(l.iter());
+        }
+        let mut alone = batch.into_streams().unwrap();
+        for (&s, state) in [0usize, 2].iter().zip(alone.iter_mut()) {
+            assert_eq!(state.block_index(), 3);
+            let l = m
+                .step(std::slice::from_mut(state), &[&streams[s][12..16]])
+                .unwrap();
+            logits[s].extend(l[0].iter());
+        }
+        for s in [0usize, 2] {
+            let want = r.forward(&streams[s]).unwrap();
+            let diff = diff_to(&logits[s], want.iter());
+            assert!(diff < 1e-4, "{backend} stream {s}: {diff}");
+        }
+        let want1 = r.forward(&streams[1][..8]).unwrap();
+        let diff = diff_to(&logits[1], want1.iter());
+        assert!(diff < 1e-4, "{backend} stream 1: {diff}");
+        assert!(BatchState::from_streams(&[]).is_err());
+    }
+}
+
+#[test]
+fn decoding_keeps_memory_and_caches_in_the_backend() {
+    let (_t, ck) = checkpoint();
+    let ids = Rng::new(6).tokens(11, 40);
+    let r = Reference::new(&ck, params()).unwrap();
+    let want = r.forward(&ids).unwrap();
+    for backend in backends() {
+        let m = FamModel::compile(&ck, params(), backend, &RunOptions::default()).unwrap();
+        let mut dec = FamDecoder::new(&m).unwrap();
+        for (i, &t) in ids.iter().enumerate() {
+            let row = dec.feed(&[t]).unwrap();
+            let diff = diff_to(&row, want.row(i).iter());
+            assert!(diff < 1e-4, "{backend} token {i}: {diff}");
+        }
+        assert_eq!(dec.position(), 11);
+        assert_eq!(dec.state().block_index(), 2);
+        assert_eq!(dec.state().location(), location(backend));
+    }
+}
+
+#[test]
+fn a_state_of_the_wrong_shape_is_refused_clearly() {
+    let (_t, ck) = checkpoint();
+    let m = FamModel::compile(&ck, params(), BackendKind::Tract, &RunOptions::default()).unwrap();
+    let mut host = m.new_state().to_host().unwrap();
+    let wrong = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[3, 3]));
+    host[0] = wrong;
+    let mut state = [famc::session::StreamState::from_host(0, host)];
+    let err = m
+        .step(&mut state, &[&[1, 2, 3, 4]])
+        .unwrap_err()
+        .to_string();
+    let first = &m.manifest().state[0].input;
+    assert!(
+        err.contains(first.as_str()) && err.contains("[1, 3, 3]"),
+        "{err}"
+    );
+}
