@@ -20,7 +20,9 @@
 #      L = 1024, F = 64, M = 1), exported once, run over 1124 tokens (one full block, which advances
 #      the state, and a 100-token tail) on cpu, cuda and tensorrt;
 #   6. `famc bench` of that model (else the tiny one) on cuda and tensorrt: prefill and decode
-#      tokens/s.
+#      tokens/s; on cuda also with the state copied through the host per block (--compare-state).
+# Step 4 also checks, with `famc score --json`, that the stream state stays in GPU memory between
+# blocks on cuda and tensorrt.
 #
 # Tolerance (the logits of a GPU provider against the CPU provider's, same graphs and tokens):
 # max |logit - cpu logit| <= 2e-2 x (cpu logits' max - min) for cuda and tensorrt in float32 (both
@@ -191,7 +193,25 @@ run_ep() { # run_ep MODEL TOKENS OUT.npy EP-ARGS...
     shift 3
     "$FAMC" run "$model" --tokens "$tokens" --logits-out "$out" --backend ort "$@"
 }
-export -f compare run_ep
+# state_on_device NAME MODEL TOKENS EP-ARGS...: `famc score --json` reports where the stream's
+# state was kept between blocks; on a GPU provider it must be the GPU's memory (ort cuda:N)
+state_on_device() {
+    local name=$1 model=$2 tokens=$3
+    shift 3
+    local j
+    j=$("$FAMC" score "$model" --tokens "$tokens" --backend ort --json --quiet "$@") || return 1
+    echo "$j"
+    "$PY" - "$name" "$j" "$OUT/results.txt" <<'EOF'
+import json, sys
+name, j = sys.argv[1], json.loads(sys.argv[2])
+ok = j.get("state_location", "").startswith("ort cuda:")
+line = f"{name + ' state':<28} kept in {j.get('state_location')!r} between blocks, mean NLL {j['mean_nll']:.6f}: {'ok' if ok else 'FAIL'}"
+print(line)
+open(sys.argv[3], "a").write(line + "\n")
+sys.exit(0 if ok else 1)
+EOF
+}
+export -f compare run_ep state_on_device
 
 # ---------------------------------------------------------------------------------------------
 # 4. the tiny golden export
@@ -201,11 +221,13 @@ TIDS=$TINY/ids.txt
 if step tiny-cpu 10 run_ep "$TINY" "$TIDS" "$OUT/tiny-cpu.npy" --ep cpu; then
     step tiny-cuda 20 run_ep "$TINY" "$TIDS" "$OUT/tiny-cuda.npy" --ep cuda --device-id "$DEV" &&
         step tiny-cuda-vs-cpu 5 compare tiny-cuda "$OUT/tiny-cpu.npy" "$OUT/tiny-cuda.npy" $TOL_FP32 "$OUT/results.txt"
+    step tiny-cuda-state 20 state_on_device tiny-cuda "$TINY" "$TIDS" --ep cuda --device-id "$DEV"
     if [[ $DO_TRT == 1 ]]; then
         step tiny-trt 60 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" &&
             step tiny-trt-vs-cpu 5 compare tiny-tensorrt "$OUT/tiny-cpu.npy" "$OUT/tiny-trt.npy" $TOL_FP32 "$OUT/results.txt"
         step tiny-trt-fp16 60 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt16.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" --trt-fp16 &&
             step tiny-trt-fp16-vs-cpu 5 compare tiny-tensorrt-fp16 "$OUT/tiny-cpu.npy" "$OUT/tiny-trt16.npy" $TOL_FP16 "$OUT/results.txt"
+        step tiny-trt-state 30 state_on_device tiny-tensorrt "$TINY" "$TIDS" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"
         # again: the engines now come from the cache
         t0=$SECONDS
         if step tiny-trt-cached 30 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt-again.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"; then
@@ -319,7 +341,8 @@ bench() { # bench NAME EP-ARGS...
 }
 export -f bench
 export BENCH_MODEL BENCH_TOKENS
-step bench-cuda 30 bench cuda --ep cuda --device-id "$DEV" &&
+# --compare-state: the same runs with the state copied to the host after every block and token
+step bench-cuda 30 bench cuda --ep cuda --device-id "$DEV" --compare-state &&
     sed "s/^/bench cuda     $BENCH_NAME: /" "$OUT/bench-cuda.txt" >>"$OUT/results.txt"
 if [[ $DO_TRT == 1 ]]; then
     step bench-tensorrt 90 bench tensorrt --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" &&

@@ -150,6 +150,25 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
+impl BenchReport {
+    /// Joins reports of the same model and configuration measured in turns (e.g. one run each,
+    /// interleaved with another configuration's): all their runs, medians over them, the last
+    /// peak RSS.
+    pub fn merge(reports: Vec<BenchReport>) -> Option<BenchReport> {
+        let mut reports = reports.into_iter();
+        let mut all = reports.next()?;
+        for r in reports {
+            all.runs.extend(r.runs);
+            all.peak_rss_bytes = r.peak_rss_bytes;
+        }
+        let col = |f: fn(&RunFigures) -> f64| median(&all.runs.iter().map(f).collect::<Vec<_>>());
+        all.prefill_tokens_per_s = col(|r| r.prefill_tokens_per_s);
+        all.ms_per_block = col(|r| r.ms_per_block);
+        all.decode_tokens_per_s = col(|r| r.decode_tokens_per_s);
+        Some(all)
+    }
+}
+
 /// Times `runs` prefills of `prefill_tokens` tokens (full blocks through the block graph) and
 /// `decode_tokens` decoded tokens after them, on one stream.
 pub fn bench_model(

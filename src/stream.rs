@@ -206,6 +206,11 @@ impl<'m> Scorer<'m> {
         Ok(stats)
     }
 
+    /// The stream's state after its last full block, where the backend holds it.
+    pub fn state(&self) -> &StreamState {
+        &self.state
+    }
+
     /// The stream's whole state after its last full block, with the tokens read since (the
     /// state copied out of the backend).
     pub fn snapshot(&self) -> Result<Snapshot> {

@@ -125,6 +125,11 @@ fn cli_score_json_equals_the_reference() {
             "{j}"
         );
         assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0);
+        let kept_in = match backend {
+            BackendKind::Tract => "tract",
+            BackendKind::Ort => "ort cpu",
+        };
+        assert_eq!(j["state_location"], kept_in, "{j}");
     }
 }
 

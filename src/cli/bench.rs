@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use famc::bench::{bench_model, flops_per_token, matmul_gflops, plot_sweep, presets, SweepPoint};
+use famc::bench::{
+    bench_model, flops_per_token, matmul_gflops, plot_sweep, presets, BenchReport, SweepPoint,
+};
 use famc::model::{Checkpoint, FamDefaults, FamParams};
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
@@ -250,15 +252,29 @@ pub fn run(
     );
     let mut results = Vec::new();
     for (name, model) in &mut configs {
-        for &host_state in state_modes {
-            model.set_host_state(host_state);
+        let tokens = args.tokens.unwrap_or(4 * model.fam_params().block_len);
+        // each state mode in turn, run by run, after one untimed run of each: neither mode gets
+        // the warm-up or a quieter stretch of the machine to itself
+        let mut per_mode: Vec<Vec<BenchReport>> = vec![Vec::new(); state_modes.len()];
+        if state_modes.len() > 1 {
+            for &host_state in state_modes {
+                model.set_host_state(host_state);
+                bench_model(model, tokens, args.decode_tokens, 1)?;
+            }
+        }
+        for _ in 0..args.runs {
+            for (m, &host_state) in state_modes.iter().enumerate() {
+                model.set_host_state(host_state);
+                per_mode[m].push(bench_model(model, tokens, args.decode_tokens, 1)?);
+            }
+        }
+        for (&host_state, reports) in state_modes.iter().zip(per_mode) {
+            let r = BenchReport::merge(reports).expect("at least one run");
             let name = if host_state && args.compare_state {
                 format!("{name}/host-state")
             } else {
                 name.clone()
             };
-            let tokens = args.tokens.unwrap_or(4 * model.fam_params().block_len);
-            let r = bench_model(model, tokens, args.decode_tokens, args.runs)?;
             let p = model.fam_params();
             let fraction = preset_spec.as_ref().map(|s| {
                 let keys = p.mem_len() + p.fam_len + p.block_len / 2;

@@ -156,6 +156,7 @@ pub fn score(
             "tokens_per_s": tokens_per_s,
             "seconds": secs,
             "backend": backend.name(),
+            "state_location": scorer.state().location(),
             "peak_rss_bytes": famc::stream::peak_rss_bytes(),
             "block_len": manifest.fam.block_len,
             "fam_len": manifest.fam.fam_len,
