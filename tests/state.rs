@@ -191,3 +191,52 @@ fn a_state_of_the_wrong_shape_is_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_bench_compares_backend_and_host_state_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    for backend in backends() {
+        let json = tmp.path().join(format!("{backend}.json"));
+        let out = famc(&[
+            "bench",
+            "--preset",
+            "tiny",
+            "--compare-state",
+            "--runs",
+            "2",
+            "--tokens",
+            "128",
+            "--decode-tokens",
+            "3",
+            "--backend",
+            backend.name(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let results = j["results"].as_array().unwrap();
+        let configs: Vec<&str> = results
+            .iter()
+            .map(|r| r["config"].as_str().unwrap())
+            .collect();
+        assert_eq!(configs, ["fam", "fam/host-state"]);
+        for r in results {
+            let rep = &r["report"];
+            assert_eq!(rep["prefill_tokens"], 128);
+            assert_eq!(rep["runs"].as_array().unwrap().len(), 2);
+            for key in [
+                "prefill_tokens_per_s",
+                "ms_per_block",
+                "decode_tokens_per_s",
+            ] {
+                assert!(rep[key].as_f64().unwrap() > 0.0, "{key}: {rep}");
+            }
+        }
+    }
+}
