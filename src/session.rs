@@ -59,12 +59,6 @@ impl StreamState {
             .collect()
     }
 
-    /// A copy through host arrays (the copy starts from host arrays, the original keeps its
-    /// backend values).
-    pub fn to_host_state(&self) -> Result<StreamState> {
-        Ok(StreamState::from_host(self.block_index, self.to_host()?))
-    }
-
     /// Where the state lies: `host`, `tract`, `ort cpu`, `ort cuda:0` (that of its first tensor).
     pub fn location(&self) -> String {
         self.current
@@ -351,17 +345,12 @@ impl FamModel {
             )));
         }
         if let [state] = states {
-            let (logits, next) = self.run_block(
-                &[state.block_index],
-                &state.current,
-                Some(&mut state.spare),
+            return self.advance(
+                std::slice::from_mut(&mut state.block_index),
+                &mut state.current,
+                &mut state.spare,
                 blocks,
-            )?;
-            if let Some(next) = next {
-                state.spare = std::mem::replace(&mut state.current, next);
-                state.block_index += 1;
-            }
-            return Ok(logits);
+            );
         }
         let mut batch = BatchState::from_streams(states)?;
         let logits = self.step_batch(&mut batch, blocks)?;
@@ -387,15 +376,27 @@ impl FamModel {
                 blocks.len()
             )));
         }
-        let (logits, next) = self.run_block(
-            &batch.block_indices,
-            &batch.current,
-            Some(&mut batch.spare),
+        self.advance(
+            &mut batch.block_indices,
+            &mut batch.current,
+            &mut batch.spare,
             blocks,
-        )?;
+        )
+    }
+
+    /// Runs one block over a state (one row per stream) and, when the block is full, makes its
+    /// output the current state and the previous one the spare buffers.
+    fn advance(
+        &self,
+        block_indices: &mut [usize],
+        current: &mut Vec<Value>,
+        spare: &mut Vec<Value>,
+        blocks: &[&[u32]],
+    ) -> Result<Vec<Array2<f32>>> {
+        let (logits, next) = self.run_block(block_indices, current, Some(spare), blocks)?;
         if let Some(next) = next {
-            batch.spare = std::mem::replace(&mut batch.current, next);
-            for tau in &mut batch.block_indices {
+            *spare = std::mem::replace(current, next);
+            for tau in block_indices {
                 *tau += 1;
             }
         }
