@@ -239,20 +239,20 @@ pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStat
     let mut finished: Vec<Option<StreamState>> = (0..streams.len()).map(|_| None).collect();
     let mut start = 0;
     loop {
-        let still: Vec<bool> = live.iter().map(|&s| streams[s].len() > start + l).collect();
-        if still.iter().any(|&k| !k) {
+        let scoring = |s: usize| streams[s].len() > start + l;
+        if !live.iter().all(|&s| scoring(s)) {
             // streams leaving the batch keep their state for the tail
-            let leaving: Vec<usize> = (0..live.len()).filter(|&i| !still[i]).collect();
-            let all = batch.into_streams()?;
             let mut kept = Vec::new();
-            for (i, state) in all.into_iter().enumerate() {
-                if leaving.contains(&i) {
-                    finished[live[i]] = Some(state);
-                } else {
+            let mut kept_live = Vec::new();
+            for (&s, state) in live.iter().zip(batch.into_streams()?) {
+                if scoring(s) {
+                    kept_live.push(s);
                     kept.push(state);
+                } else {
+                    finished[s] = Some(state);
                 }
             }
-            live.retain(|&s| streams[s].len() > start + l);
+            live = kept_live;
             if live.is_empty() {
                 break;
             }

@@ -883,13 +883,7 @@ impl OrtValue {
     }
 
     fn shape_and_type(&self) -> (Vec<usize>, ElemType) {
-        let shape = self.0.shape().iter().map(|&d| d.max(0) as usize).collect();
-        let elem = match self.0.data_type() {
-            TensorElementType::Float32 => ElemType::F32,
-            TensorElementType::Int64 => ElemType::I64,
-            other => ElemType::Other(format!("{other:?}").to_lowercase()),
-        };
-        (shape, elem)
+        (dims(self.0.shape()), elem_type(*self.0.data_type()))
     }
 
     /// The device holding the data: `cpu`, `cuda:0`, ….
@@ -917,7 +911,7 @@ impl OrtValue {
             on_host = self.0.to(AllocationDevice::CPU, 0).map_err(fail)?;
             &on_host
         };
-        let shape: Vec<usize> = tensor.shape().iter().map(|&d| d.max(0) as usize).collect();
+        let shape = dims(tensor.shape());
         let data = match tensor.data_type() {
             TensorElementType::Float32 => {
                 tensor.try_extract_tensor::<f32>().map_err(fail)?.1.to_vec()
@@ -932,6 +926,19 @@ impl OrtValue {
     }
 }
 
+fn elem_type(ty: TensorElementType) -> ElemType {
+    match ty {
+        TensorElementType::Float32 => ElemType::F32,
+        TensorElementType::Int64 => ElemType::I64,
+        other => ElemType::Other(other.to_string()),
+    }
+}
+
+/// A run's concrete shape (ONNX Runtime reports dimensions as i64).
+fn dims(shape: &[i64]) -> Vec<usize> {
+    shape.iter().map(|&d| d.max(0) as usize).collect()
+}
+
 fn io_spec(name: &str, ty: &ValueType) -> IoSpec {
     match ty {
         ValueType::Tensor {
@@ -940,11 +947,7 @@ fn io_spec(name: &str, ty: &ValueType) -> IoSpec {
             dimension_symbols,
         } => IoSpec {
             name: name.to_string(),
-            elem_type: match ty {
-                TensorElementType::Float32 => ElemType::F32,
-                TensorElementType::Int64 => ElemType::I64,
-                other => ElemType::Other(other.to_string()),
-            },
+            elem_type: elem_type(*ty),
             shape: Some(
                 shape
                     .iter()
