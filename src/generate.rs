@@ -5,8 +5,10 @@ use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
-use crate::runtime::{open_graph, GraphRunner, OutputTo, Tensor, Value};
-use crate::session::{FamModel, StreamState};
+use std::sync::Arc;
+
+use crate::runtime::{OutputTo, Tensor, Value};
+use crate::session::{DecodeGraphs, FamModel, StreamState};
 
 /// A causal language model that takes tokens one after another.
 pub trait LanguageModel {
@@ -207,8 +209,8 @@ impl<M: LanguageModel> Iterator for Generator<'_, M> {
 /// per token only the token goes in and the logits come out.
 pub struct FamDecoder<'m> {
     model: &'m FamModel,
-    decode: Box<dyn GraphRunner>,
-    fam_kv: Option<Box<dyn GraphRunner>>,
+    /// The model's decode and FAM-kv graphs, opened once per model and shared by its decoders.
+    graphs: Arc<DecodeGraphs>,
     state: StreamState,
     block: Vec<u32>,
     /// Per layer: FAM keys then values [1, Hkv, F, Dh] of the current block, when F > 0.
@@ -228,23 +230,12 @@ struct LayerState {
 }
 
 impl<'m> FamDecoder<'m> {
-    /// A new stream on `model`, opening its decode graphs.
+    /// A new stream on `model` (its decode graphs are opened on the first decoder of the model).
     pub fn new(model: &'m FamModel) -> Result<Self> {
         let m = model.manifest();
         let dir = model.export_dir();
-        let decode_file = m.graphs.decode.as_ref().ok_or_else(|| Error::Export {
-            dir: dir.to_path_buf(),
-            message: "the export has no decode graph: re-export it with this famc".into(),
-        })?;
-        let decode = open_graph(model.backend(), &dir.join(decode_file), model.run_options())?;
-        let fam_kv = match &m.graphs.fam_kv {
-            Some(f) => Some(open_graph(
-                model.backend(),
-                &dir.join(f),
-                model.run_options(),
-            )?),
-            None => None,
-        };
+        let graphs = model.decode_graphs()?;
+        let fam_kv = graphs.fam_kv.as_ref();
         let d = &m.model;
         let find = |layer: usize, kind: &str| {
             m.state
@@ -268,8 +259,7 @@ impl<'m> FamDecoder<'m> {
         let cache_shape = [1, d.num_kv_heads, m.fam.block_len, d.head_dim];
         Ok(FamDecoder {
             model,
-            decode,
-            fam_kv,
+            graphs,
             state: model.new_state(),
             block: Vec::new(),
             fam_kv_values: None,
@@ -294,9 +284,10 @@ impl<'m> FamDecoder<'m> {
     }
 
     fn refresh_fam_kv(&mut self) -> Result<()> {
-        let Some(runner) = self.fam_kv.as_mut() else {
+        let Some(runner) = self.graphs.fam_kv.as_ref() else {
             return Ok(());
         };
+        let mut runner = runner.lock().unwrap_or_else(|e| e.into_inner());
         let tau = Value::host(Tensor::I64(ArrayD::from_elem(
             IxDyn(&[1]),
             self.state.block_index() as i64,
@@ -331,7 +322,7 @@ impl<'m> FamDecoder<'m> {
                 m.model.vocab_size
             )));
         }
-        if self.fam_kv.is_some() && self.fam_kv_values.is_none() {
+        if self.graphs.fam_kv.is_some() && self.fam_kv_values.is_none() {
             self.refresh_fam_kv()?;
         }
         let cache = self.cache.take().ok_or_else(|| {
@@ -361,11 +352,26 @@ impl<'m> FamDecoder<'m> {
             Some(buffer) => OutputTo::Reuse(buffer),
             None => OutputTo::Backend,
         }));
-        let mut out = self.decode.run_values(&inputs, outputs)?.into_iter();
+        let mut out = self
+            .graphs
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .run_values(&inputs, outputs)?
+            .into_iter();
         let logits = out
             .next()
             .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?
             .into_host_f32()?;
+        if let Some(v) = logits.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Backend {
+                backend: self.model.backend().name(),
+                message: format!(
+                    "the decode graph returned a non-finite logit ({v}) at position {}: the computation overflowed float32",
+                    self.position()
+                ),
+            });
+        }
         let next: Vec<Value> = out.collect();
         if next.len() != cache.len() || next.iter().zip(&cache).any(|(n, c)| n.shape() != c.shape())
         {

@@ -22,6 +22,7 @@ pub mod reference;
 pub mod rng;
 pub mod runtime;
 pub mod session;
+pub mod signal;
 pub mod snapshot;
 pub mod stream;
 

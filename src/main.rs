@@ -13,6 +13,8 @@ use famc::reference::Reference;
 use famc::runtime::{BackendKind, OrtOptLevel, RunOptions};
 use famc::session::FamModel;
 
+use cli::out::{out, outln};
+
 #[derive(Parser)]
 #[command(
     name = "famc",
@@ -72,6 +74,9 @@ struct InspectArgs {
     /// Dump every node of a graph file (inputs, outputs, initializers, nodes) as text.
     #[arg(long, conflicts_with = "json")]
     nodes: bool,
+    /// Check every file of an export against the sizes and SHA-256 hashes famc.json records.
+    #[arg(long, conflicts_with_all = ["json", "nodes"])]
+    verify: bool,
 }
 
 #[derive(Args)]
@@ -131,10 +136,10 @@ enum OrtOpt {
 struct RuntimeArgs {
     /// Threads inside one operator: tract's thread pool (default 1) and ONNX Runtime's intra-op
     /// pool (default: its own, one per physical core).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=famc::runtime::MAX_THREADS as i64))]
     threads: Option<u32>,
     /// ONNX Runtime threads across operators (above 1 enables its parallel execution mode).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=famc::runtime::MAX_THREADS as i64))]
     inter_threads: Option<u32>,
     /// ONNX Runtime's graph optimisation level (default: all).
     #[arg(long, value_enum, value_name = "LEVEL")]
@@ -382,14 +387,21 @@ fn inspect(args: InspectArgs) -> Result<()> {
                 args.path.display()
             );
         }
-        print!("{}", famc::inspect::dump_graph(&args.path)?);
+        out!("{}", famc::inspect::dump_graph(&args.path)?)?;
+        return Ok(());
+    }
+    if args.verify {
+        let verified = famc::export::ExportDir::open(&args.path)?.verify()?;
+        for (file, bytes) in &verified {
+            outln!("ok {file}: {bytes} bytes, sha256 matches famc.json")?;
+        }
         return Ok(());
     }
     let report = famc::inspect::inspect(&args.path)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{report}");
+        out!("{report}")?;
     }
     Ok(())
 }
@@ -397,9 +409,9 @@ fn inspect(args: InspectArgs) -> Result<()> {
 fn doctor(args: DoctorArgs) -> Result<()> {
     let report = famc::doctor::doctor();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{report}");
+        out!("{report}")?;
     }
     Ok(())
 }
@@ -422,11 +434,11 @@ fn eval(cmd: EvalCommand) -> Result<()> {
     };
     let report = passkey::evaluate(&args.model, &opts)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
     let f = report.fam;
-    println!(
+    outln!(
         "passkey {} (L={}, F={}{}, M={}) on {}, seed {}, chance {:.4}",
         args.model.display(),
         f.block_len,
@@ -436,18 +448,26 @@ fn eval(cmd: EvalCommand) -> Result<()> {
         report.engine,
         report.seed,
         report.chance
-    );
+    )?;
     for r in &report.results {
-        println!(
+        outln!(
             "distance {:3} blocks ({:5} tokens): recall {:.4} ({}/{})",
-            r.distance_blocks, r.tokens, r.recall, r.correct, r.samples
-        );
+            r.distance_blocks,
+            r.tokens,
+            r.recall,
+            r.correct,
+            r.samples
+        )?;
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = famc::signal::install() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Score(c) => c.run("score", cli::score::score),
@@ -460,8 +480,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // the reader of our output has gone (`famc doctor | head -1`): end quietly, as 128 + SIGPIPE
+        Err(e) if cli::out::is_broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::out::render(&e));
             ExitCode::FAILURE
         }
     }

@@ -162,6 +162,12 @@ impl BatchState {
 /// the block was full and the state advances.
 type BlockRun = (Vec<Array2<f32>>, Option<Vec<Value>>);
 
+/// The decode and FAM-kv graphs of a model, opened once and shared by all its decoders.
+pub struct DecodeGraphs {
+    pub decode: Mutex<Box<dyn GraphRunner>>,
+    pub fam_kv: Option<Mutex<Box<dyn GraphRunner>>>,
+}
+
 /// A FAM model loaded on a backend: its block graph and initial state.
 ///
 /// The model is immutable once opened and may be shared across threads (`&FamModel` is `Sync`);
@@ -173,7 +179,10 @@ pub struct FamModel {
     initial: Vec<ArrayD<f32>>,
     dir: std::path::PathBuf,
     opts: RunOptions,
-    _tempdir: Option<tempfile::TempDir>,
+    /// The decode graphs, opened by the first [`crate::generate::FamDecoder`].
+    decode: Mutex<Option<std::sync::Arc<DecodeGraphs>>>,
+    /// The temporary export of a compiled checkpoint, removed with the model (or on a signal).
+    _tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
 }
 
 impl FamModel {
@@ -191,9 +200,11 @@ impl FamModel {
         opts: &RunOptions,
     ) -> Result<Self> {
         let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        export::export(ck, fam, tmp.path(), &export::ExportOptions::default())?;
-        let export = ExportDir::open(tmp.path())?;
-        Self::from_export(export, backend, opts, Some(tmp))
+        let guard = crate::signal::register(tmp.path());
+        let dir = tmp.path().join("export");
+        export::export(ck, fam, &dir, &export::ExportOptions::default())?;
+        let export = ExportDir::open(&dir)?;
+        Self::from_export(export, backend, opts, Some((tmp, guard)))
     }
 
     /// Opens `path` as an export directory when it has a `famc.json`, else compiles it as a
@@ -233,7 +244,7 @@ impl FamModel {
         export: ExportDir,
         backend: BackendKind,
         opts: &RunOptions,
-        tempdir: Option<tempfile::TempDir>,
+        tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
     ) -> Result<Self> {
         let manifest = export.manifest.clone();
         // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
@@ -282,8 +293,38 @@ impl FamModel {
             initial,
             dir: export.dir.clone(),
             opts: opts.clone(),
+            decode: Mutex::new(None),
             _tempdir: tempdir,
         })
+    }
+
+    /// The decode graphs, opened on the first call and then shared (for TensorRT an engine
+    /// build per graph and model, not per stream).
+    pub fn decode_graphs(&self) -> Result<std::sync::Arc<DecodeGraphs>> {
+        let mut slot = self.decode.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = slot.as_ref() {
+            return Ok(g.clone());
+        }
+        let m = &self.manifest;
+        let decode_file = m.graphs.decode.as_ref().ok_or_else(|| Error::Export {
+            dir: self.dir.clone(),
+            message: "the export has no decode graph: re-export it with this famc".into(),
+        })?;
+        let decode = open_graph(self.backend, &self.dir.join(decode_file), &self.opts)?;
+        let fam_kv = match &m.graphs.fam_kv {
+            Some(f) => Some(Mutex::new(open_graph(
+                self.backend,
+                &self.dir.join(f),
+                &self.opts,
+            )?)),
+            None => None,
+        };
+        let graphs = std::sync::Arc::new(DecodeGraphs {
+            decode: Mutex::new(decode),
+            fam_kv,
+        });
+        *slot = Some(graphs.clone());
+        Ok(graphs)
     }
 
     /// The export's manifest.
@@ -434,7 +475,9 @@ impl FamModel {
             for (i, &id) in block.iter().enumerate() {
                 if id as usize >= vocab {
                     return Err(Error::Input(format!(
-                        "stream {s}: token id {id} at block position {i} is out of range (vocab_size {vocab})"
+                        "stream {s}: token id {id} at position {} (block {}, offset {i}) is out of range (vocab_size {vocab})",
+                        block_indices[s] * l_len + i,
+                        block_indices[s]
                     )));
                 }
                 ids.push(id as i64);
@@ -500,6 +543,15 @@ impl FamModel {
             return Err(self.backend_error(&format!(
                 "logits have shape {:?}, expected [{batch}, {t}, {vocab}]",
                 logits.shape()
+            )));
+        }
+        if let Some(flat) = logits.iter().position(|v| !v.is_finite()) {
+            let (s, i) = (flat / (t * vocab), flat / vocab % t);
+            return Err(self.backend_error(&format!(
+                "non-finite logit ({}) for stream {s} at position {} (block {}): the computation overflowed float32",
+                logits.iter().nth(flat).copied().unwrap_or(f32::NAN),
+                block_indices[s] * l_len + i,
+                block_indices[s]
             )));
         }
         let next = if advance {

@@ -227,13 +227,48 @@ impl Snapshot {
         let nll_sum: f64 = get("nll_sum")?
             .parse()
             .map_err(|_| bad("`nll_sum` is not a number".into()))?;
+        if !(nll_sum.is_finite() && nll_sum >= 0.0) {
+            return Err(bad(format!(
+                "`nll_sum` = {nll_sum}: a sum of negative log-likelihoods is finite and not negative"
+            )));
+        }
+        // what the scorer that saved it holds: τ full blocks scored, the tokens since pending
+        let block_index = num("block_index")?;
+        let l = f.block_len as u64;
+        let done = block_index
+            .checked_mul(l)
+            .filter(|&t| t.checked_add(l).is_some_and(|end| end <= i64::MAX as u64))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`block_index` = {block_index} is out of range: its positions do not fit int64"
+                ))
+            })?;
+        let (scored, tokens_read) = (num("scored")?, num("tokens_read")?);
+        if scored != done || tokens_read != done + pending.len() as u64 {
+            return Err(bad(format!(
+                "inconsistent position: block_index {block_index} (L = {l}) with {} pending tokens implies {done} scored of {} read, the file says {scored} of {tokens_read}",
+                pending.len(),
+                done + pending.len() as u64
+            )));
+        }
+        if let Some((st, _)) = manifest
+            .state
+            .iter()
+            .zip(&arrays)
+            .find(|(_, a)| a.iter().any(|v| !v.is_finite()))
+        {
+            return Err(bad(format!(
+                "state `{}` holds a non-finite value: the file is damaged",
+                st.input
+            )));
+        }
         Ok(Snapshot {
-            block_index: num("block_index")? as usize,
+            block_index: block_index as usize,
             state: arrays,
             pending,
             nll_sum,
-            scored: num("scored")?,
-            tokens_read: num("tokens_read")?,
+            scored,
+            tokens_read,
         })
     }
 }

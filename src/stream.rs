@@ -10,12 +10,17 @@ use crate::error::{Error, Result};
 use crate::session::{BatchState, FamModel, StreamState};
 use crate::snapshot::Snapshot;
 
+/// The longest word [`TokenReader`] holds while waiting for the rest of it (ids have at most 20
+/// digits; leading zeros beyond that are refused).
+const MAX_ID_CHARS: usize = 64;
+
 /// Token ids parsed incrementally from whitespace-separated text (a file or stdin).
 pub struct TokenReader<R> {
     reader: R,
     source: String,
     vocab_size: usize,
-    carry: String,
+    /// Bytes of an unfinished word (or character) waiting for the next read.
+    carry: Vec<u8>,
     position: u64,
     bytes_read: u64,
     done: bool,
@@ -28,7 +33,7 @@ impl<R: BufRead> TokenReader<R> {
             reader,
             source: source.into(),
             vocab_size,
-            carry: String::new(),
+            carry: Vec::new(),
             position: 0,
             bytes_read: 0,
             done: false,
@@ -47,8 +52,9 @@ impl<R: BufRead> TokenReader<R> {
         };
         let id: u64 = word.parse().map_err(|_| {
             err(format!(
-                "token {}: `{word}` is not a non-negative integer id",
-                self.position
+                "token {}: `{}` is not a non-negative integer id",
+                self.position,
+                crate::io::shown(word)
             ))
         })?;
         if id >= self.vocab_size as u64 {
@@ -75,22 +81,43 @@ impl<R: BufRead> TokenReader<R> {
             if n == 0 {
                 self.done = true;
             }
-            let mut text = std::mem::take(&mut self.carry).into_bytes();
-            text.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8(text).map_err(|_| Error::Tokens {
-                source_name: self.source.clone(),
-                message: format!("not UTF-8 text near token {}", self.position),
-            })?;
+            let mut bytes = std::mem::take(&mut self.carry);
+            bytes.extend_from_slice(&buf[..n]);
+            // a character cut by the read boundary waits for the rest of it, like a word
+            let valid = match std::str::from_utf8(&bytes) {
+                Ok(_) => bytes.len(),
+                Err(e) if e.error_len().is_none() && !self.done => e.valid_up_to(),
+                Err(_) => {
+                    return Err(Error::Tokens {
+                        source_name: self.source.clone(),
+                        message: format!("not UTF-8 text near token {}", self.position),
+                    })
+                }
+            };
+            let tail = bytes.split_off(valid);
+            let text = String::from_utf8(bytes).expect("validated above");
             // a word cut by the chunk boundary waits for the rest of it
             let (complete, rest) = match text.rfind(char::is_whitespace) {
                 _ if self.done => (text.as_str(), ""),
                 Some(i) => text.split_at(i),
                 None => ("", text.as_str()),
             };
-            self.carry = rest.to_string();
             for word in complete.split_whitespace() {
                 self.parse(word, &mut out)?;
             }
+            // an id has at most 20 digits: a longer unfinished word is not one, however it ends
+            if rest.len() > MAX_ID_CHARS {
+                return Err(Error::Tokens {
+                    source_name: self.source.clone(),
+                    message: format!(
+                        "token {}: `{}` is not a non-negative integer id",
+                        self.position,
+                        crate::io::shown(rest)
+                    ),
+                });
+            }
+            self.carry = rest.as_bytes().to_vec();
+            self.carry.extend_from_slice(&tail);
         }
         Ok(out)
     }

@@ -66,7 +66,7 @@ fn sweep(
     let exe = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
     let mut points = Vec::new();
-    println!("| backend | config | tokens | µs/token | peak RSS MiB |\n|---|---|---|---|---|");
+    outln!("| backend | config | tokens | µs/token | peak RSS MiB |\n|---|---|---|---|---|")?;
     for &n in &args.sweep {
         for config in ["fam", "bswa", "causal"] {
             let out = tmp.path().join(format!("{config}-{n}.json"));
@@ -123,12 +123,12 @@ fn sweep(
                 us_per_token: 1e6 / tps,
                 peak_rss_mib: r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
             };
-            println!(
+            outln!(
                 "| {} | {config} | {n} | {:.1} | {:.1} |",
                 backend.name(),
                 point.us_per_token,
                 point.peak_rss_mib
-            );
+            )?;
             points.push(point);
         }
     }
@@ -280,7 +280,7 @@ pub fn run(
                 let keys = p.mem_len() + p.fam_len + p.block_len / 2;
                 r.prefill_tokens_per_s * flops_per_token(s, keys) / 1e9 / gflops
             });
-            println!(
+            outln!(
             "{name:<7} L={:<5} F={:<3} M={:<3} prefill {:>9.1} tok/s  {:>8.2} ms/block  decode {:>8.1} tok/s  peak RSS {:>7.1} MiB{}",
             p.block_len,
             p.fam_len,
@@ -290,7 +290,7 @@ pub fn run(
             r.decode_tokens_per_s,
             r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
             fraction.map_or(String::new(), |f| format!("  {:.1}% of matmul peak", 100.0 * f)),
-        );
+        )?;
             results.push(
                 serde_json::json!({"config": name, "report": r, "fraction_of_matmul": fraction}),
             );

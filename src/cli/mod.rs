@@ -1,5 +1,8 @@
 //! Subcommands of the `famc` binary that live outside main.rs.
 
+#[macro_use]
+pub mod out;
+
 pub mod bench;
 pub mod generate;
 pub mod score;

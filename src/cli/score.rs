@@ -140,11 +140,11 @@ pub fn score(
     bar.finish_and_clear();
     let stats = scorer.totals()?;
     let secs = start.elapsed().as_secs_f64();
-    if let Some(p) = &args.save_state {
-        scorer.snapshot()?.save(p, &manifest)?;
-    }
     if stats.scored == 0 {
         bail!("nothing to score: at least two tokens are needed (token i predicts token i + 1)");
+    }
+    if let Some(p) = &args.save_state {
+        scorer.snapshot()?.save(p, &manifest)?;
     }
     let tokens_per_s = read as f64 / secs.max(1e-9);
     if args.json {
@@ -162,9 +162,9 @@ pub fn score(
             "fam_len": manifest.fam.fam_len,
             "mem_blocks": manifest.fam.mem_blocks,
         });
-        println!("{j}");
+        outln!("{j}")?;
     } else {
-        println!(
+        outln!(
             "tokens {}  scored {}  mean_nll {:.6}  ppl {:.4}  ({:.0} tokens/s on {})",
             stats.tokens,
             stats.scored,
@@ -172,7 +172,7 @@ pub fn score(
             stats.ppl(),
             tokens_per_s,
             backend.name()
-        );
+        )?;
     }
     Ok(())
 }

@@ -65,8 +65,22 @@ fn check_layout(block_len: usize, distance_blocks: usize) -> Result<()> {
             "the PassKey distance must be at least 1 block".into(),
         ));
     }
-    Ok(())
+    let tokens = distance_blocks
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(block_len));
+    match tokens {
+        Some(n) if n <= MAX_SAMPLE_TOKENS => Ok(()),
+        _ => Err(Error::Input(format!(
+            "--distance-blocks {distance_blocks}: a sample of {} blocks of {block_len} tokens is longer than famc evaluates (at most {MAX_SAMPLE_TOKENS} tokens)",
+            distance_blocks as u128 + 1
+        ))),
+    }
 }
+
+/// The longest PassKey sample, in tokens (each sample is held whole while it is evaluated).
+pub const MAX_SAMPLE_TOKENS: usize = 1 << 26;
+/// The most tokens of one distance's samples held at once.
+pub const MAX_HELD_TOKENS: usize = 1 << 28;
 
 /// Draws one sample: fillers for every position first, then the key's position, then the key.
 pub fn sample(rng: &mut SplitMix64, block_len: usize, distance_blocks: usize) -> Result<Sample> {
@@ -257,6 +271,16 @@ pub fn evaluate(path: &Path, opts: &PasskeyOptions) -> Result<PasskeyReport> {
         return Err(Error::Input("no PassKey distance given".into()));
     }
     let (mut runner, fam) = open(path, opts)?;
+    for &distance in &opts.distances {
+        check_layout(fam.block_len, distance)?;
+        let held = (distance as u128 + 1) * fam.block_len as u128 * opts.samples as u128;
+        if held > MAX_HELD_TOKENS as u128 {
+            return Err(Error::Input(format!(
+                "--samples {} at --distance-blocks {distance}: {held} tokens, more than famc holds for one distance (at most {MAX_HELD_TOKENS})",
+                opts.samples
+            )));
+        }
+    }
     let vocab = match &runner {
         Runner::Graphs(m) => m.manifest().model.vocab_size,
         Runner::Reference(r) => r.config().vocab_size,

@@ -1,5 +1,6 @@
 //! `famc.json`: what an export holds, for famc and for anyone driving the graphs by hand.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -7,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::FamParams;
 
-/// The export format version this famc writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The export format version this famc writes and reads (2: `files` with sizes and hashes).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The manifest file's name inside an export directory.
 pub const MANIFEST_FILE: &str = "famc.json";
@@ -74,6 +75,18 @@ pub struct Manifest {
     pub graphs: GraphFiles,
     /// State tensors in graph input order.
     pub state: Vec<StateTensor>,
+    /// Every other file of the export (graphs, their external data, tokenizer files) with its
+    /// size and SHA-256, as written. Absent from the copy embedded in each graph, which is
+    /// written before the hashes are known.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// Size and hash of one file of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl Manifest {
@@ -85,16 +98,39 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
+        let err = |message: String| Error::Export {
+            dir: dir.to_path_buf(),
+            message,
+        };
         if m.format_version != FORMAT_VERSION {
-            return Err(Error::Export {
-                dir: dir.to_path_buf(),
-                message: format!(
-                    "famc.json has format_version {}, this famc reads {FORMAT_VERSION}",
-                    m.format_version
-                ),
-            });
+            return Err(err(format!(
+                "famc.json has format_version {}, this famc reads {FORMAT_VERSION}: re-export the checkpoint with this famc",
+                m.format_version
+            )));
         }
+        let graphs = [
+            Some(&m.graphs.block),
+            m.graphs.init.as_ref(),
+            m.graphs.decode.as_ref(),
+            m.graphs.fam_kv.as_ref(),
+        ];
+        for name in graphs.into_iter().flatten().chain(m.files.keys()) {
+            if !is_plain_file_name(name) {
+                return Err(err(format!(
+                    "famc.json names the file `{name}`, which is not a plain file name inside the export directory"
+                )));
+            }
+        }
+        m.fam.validate()?;
         Ok(m)
+    }
+
+    /// This manifest as each graph embeds it: without `files`.
+    pub fn embedded(&self) -> Manifest {
+        Manifest {
+            files: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 
     /// Writes `famc.json` into `dir` atomically.
@@ -105,4 +141,13 @@ impl Manifest {
             w.write_all(b"\n")
         })
     }
+}
+
+/// A single path component: no directory, no `..`, not absolute.
+pub fn is_plain_file_name(name: &str) -> bool {
+    let mut c = Path::new(name).components();
+    matches!(
+        (c.next(), c.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
 }

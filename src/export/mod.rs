@@ -2,7 +2,10 @@
 
 mod manifest;
 
-pub use manifest::{GraphFiles, Manifest, ModelDims, StateTensor, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{
+    is_plain_file_name, FileEntry, GraphFiles, Manifest, ModelDims, StateTensor, FORMAT_VERSION,
+    MANIFEST_FILE,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,15 @@ pub const DECODE_FILE: &str = "decode.onnx";
 /// FAM keys/values graph file name.
 pub const FAM_KV_FILE: &str = "fam_kv.onnx";
 
+/// The checkpoint's files an export carries along when the checkpoint has them, so that text
+/// input and generation work from the export alone.
+pub const CARRIED_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
+
 /// How to export.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
@@ -47,6 +59,8 @@ impl Default for ExportOptions {
 /// The emitted graphs of a model, in memory.
 pub struct Compiled {
     pub manifest: Manifest,
+    /// The checkpoint directory, whose [`CARRIED_FILES`] the export copies.
+    pub source_dir: PathBuf,
     pub block: onnx::ModelProto,
     pub init: Option<onnx::ModelProto>,
     pub decode: onnx::ModelProto,
@@ -129,6 +143,7 @@ pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Co
             fam_kv: (fam.fam_len > 0).then(|| FAM_KV_FILE.into()),
         },
         state: state_tensors(ck, fam),
+        files: Default::default(),
     };
     let spec = EmitSpec {
         config: c,
@@ -161,6 +176,7 @@ pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Co
     }
     Ok(Compiled {
         manifest,
+        source_dir: ck.dir.clone(),
         block,
         init,
         decode,
@@ -189,31 +205,220 @@ fn stamp(model: &mut onnx::ModelProto, m: &Manifest) {
         .collect();
 }
 
-/// Writes the compiled graphs and `famc.json` into `dir` (created if needed); each file is
-/// written to a temporary name and renamed.
-pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Write {
-        path: dir.to_path_buf(),
+/// Writes the compiled graphs, the carried checkpoint files and `famc.json` (with every file's
+/// size and SHA-256) into `dir`, never leaving a mixed or half-written directory: everything is
+/// written into a hidden sibling directory, which then takes `dir`'s place in one rename (an
+/// atomic exchange with an earlier export on Linux). A lock file beside `dir` (removed afterwards)
+/// makes a second export into the same directory an error while the first runs. `dir` may be missing, empty,
+/// or an earlier export; anything else is refused untouched. Returns the manifest written.
+pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
+    let err = |message: String| Error::Export {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| err("not a directory name to export into".into()))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::Write {
+        path: parent.clone(),
         message: e.to_string(),
     })?;
-    let graphs = compiled.graphs();
-    for (file, g) in &graphs {
-        save_model((*g).clone(), &dir.join(file), Some(opts.external_threshold))?;
+    let lock_path = parent.join(format!(".{name}.famc-lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(err(format!(
+                "another famc export into this directory is running (it holds {}); wait for it or export elsewhere",
+                lock_path.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
     }
-    // a re-export into the same directory must not leave graphs of another configuration behind
-    for file in [INIT_FILE, FAM_KV_FILE] {
-        if !graphs.iter().any(|(f, _)| *f == file) {
-            for stale in [dir.join(file), dir.join(format!("{file}.data"))] {
-                if stale.exists() {
-                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
-                }
+    // the lock file is removed after each export: a lock taken on a file another export has
+    // already removed (and maybe replaced) guards nothing
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ours = lock.metadata().map_err(|e| Error::io(&lock_path, e))?;
+        let now = std::fs::metadata(&lock_path).ok();
+        if now.is_none_or(|m| (m.dev(), m.ino()) != (ours.dev(), ours.ino())) {
+            return Err(err(format!(
+                "another famc export into this directory is running (it replaced {}); wait for it or export elsewhere",
+                lock_path.display()
+            )));
+        }
+    }
+    let _lock_guard = crate::signal::register(&lock_path);
+    let result = write_locked(compiled, dir, &parent, name, opts);
+    let _ = std::fs::remove_file(&lock_path);
+    drop(lock);
+    result
+}
+
+fn write_locked(
+    compiled: &Compiled,
+    dir: &Path,
+    parent: &Path,
+    name: &str,
+    opts: &ExportOptions,
+) -> Result<Manifest> {
+    let err = |message: String| Error::Export {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => {}
+        Ok(m) if !m.is_dir() => return Err(err("exists and is not a directory".into())),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            if !dir.join(MANIFEST_FILE).is_file() && entries.next().is_some() {
+                return Err(err(format!(
+                    "exists and is not a famc export (no {MANIFEST_FILE}); famc export replaces only an earlier export or an empty directory"
+                )));
             }
         }
     }
-    compiled.manifest.write(dir)
+    remove_stale_temporaries(parent, name);
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.famc-tmp-"))
+        .tempdir_in(parent)
+        .map_err(|e| Error::Write {
+            path: parent.to_path_buf(),
+            message: format!("cannot create a temporary directory: {e}"),
+        })?;
+    let _guard = crate::signal::register(tmp.path());
+    let manifest = write_contents(compiled, tmp.path(), opts)?;
+    crate::io::sync_dir(tmp.path());
+    replace_dir(tmp.path(), dir).map_err(|e| {
+        err(format!(
+            "cannot move the new export into place from {}: {e}",
+            tmp.path().display()
+        ))
+    })?;
+    crate::io::sync_dir(parent);
+    // `tmp` now holds the earlier export, if there was one, and goes with it
+    drop(tmp);
+    Ok(manifest)
 }
 
-/// Compiles `ck` and writes the export into `dir`.
+/// Writes every file of the export into the empty directory `dir`.
+fn write_contents(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
+    let mut names = Vec::new();
+    for (file, g) in compiled.graphs() {
+        let path = dir.join(file);
+        save_model(g.clone(), &path, Some(opts.external_threshold))?;
+        names.push(file.to_string());
+        let data = format!("{file}.data");
+        if dir.join(&data).exists() {
+            names.push(data);
+        }
+    }
+    for file in CARRIED_FILES {
+        let from = compiled.source_dir.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(file)).map_err(|e| Error::io(&from, e))?;
+            names.push(file.to_string());
+        }
+    }
+    let mut manifest = compiled.manifest.clone();
+    for file in names {
+        let entry = file_entry(&dir.join(&file))?;
+        manifest.files.insert(file, entry);
+    }
+    manifest.write(dir)?;
+    Ok(manifest)
+}
+
+/// Size and SHA-256 of a file, read in pieces.
+pub fn file_entry(path: &Path) -> Result<FileEntry> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileEntry {
+        bytes,
+        sha256: crate::model::hex(&h.finalize()),
+    })
+}
+
+/// Temporary directories of exports into `name` that died (killed, power lost): only ever
+/// called while holding the export's lock, so none of them is in use.
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.famc-tmp-");
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Puts directory `new` at `dir`'s path. An existing `dir` ends up at `new`'s path: exchanged in
+/// one step where the system can (Linux `renameat2(RENAME_EXCHANGE)`), else moved aside first.
+fn replace_dir(new: &Path, dir: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(dir).is_err() {
+        return std::fs::rename(new, dir);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+        let (a, b) = (c(new)?, c(dir)?);
+        // SAFETY: both are valid NUL-terminated paths; renameat2 only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    // no exchange on this system or file system: move the old export aside, then the new in
+    let aside = new.with_extension("old");
+    std::fs::rename(dir, &aside)?;
+    if let Err(e) = std::fs::rename(new, dir) {
+        let _ = std::fs::rename(&aside, dir);
+        return Err(e);
+    }
+    std::fs::rename(&aside, new)
+}
+
+/// Compiles `ck` and writes the export into `dir`; returns the manifest written.
 pub fn export(
     ck: &Checkpoint,
     fam: FamParams,
@@ -221,8 +426,7 @@ pub fn export(
     opts: &ExportOptions,
 ) -> Result<Manifest> {
     let compiled = compile(ck, fam, opts.dtype)?;
-    write(&compiled, dir, opts)?;
-    Ok(compiled.manifest)
+    write(&compiled, dir, opts)
 }
 
 /// An export directory checked against its manifest: the graphs exist, parse, and declare the
@@ -233,24 +437,65 @@ pub struct ExportDir {
 }
 
 impl ExportDir {
-    /// Opens and checks `dir`.
+    /// Opens and checks `dir`: every file famc.json lists has its recorded size, the block graph
+    /// declares the inputs and outputs famc.json implies, and every graph embeds the same
+    /// manifest (so a graph from another export, or an edited famc.json, is refused). Full
+    /// hashes are [`ExportDir::verify`]'s.
     pub fn open(dir: &Path) -> Result<Self> {
         let err = |message: String| Error::Export {
             dir: dir.to_path_buf(),
             message,
         };
         if !dir.join(MANIFEST_FILE).exists() {
-            return Err(err(format!("no {MANIFEST_FILE}: not a famc export")));
+            let has_graphs = std::fs::read_dir(dir).is_ok_and(|mut d| {
+                d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "onnx")))
+            });
+            return Err(err(if has_graphs {
+                format!("no {MANIFEST_FILE}: the directory holds .onnx graphs but not the manifest of a complete famc export; re-export it")
+            } else {
+                format!("no {MANIFEST_FILE}: not a famc export")
+            }));
         }
         let manifest = Manifest::read(dir)?;
-        let block_path = dir.join(&manifest.graphs.block);
-        let block = read_structure(&block_path)
-            .map_err(|e| err(format!("{}: {e}", manifest.graphs.block)))?;
-        check_block_graph(&block, &manifest)
-            .map_err(|m| err(format!("{}: {m}", manifest.graphs.block)))?;
-        if let Some(init) = &manifest.graphs.init {
-            let g = read_structure(&dir.join(init)).map_err(|e| err(format!("{init}: {e}")))?;
-            let outs: Vec<String> = graph_io(&g).1;
+        for (file, want) in &manifest.files {
+            let have = std::fs::metadata(dir.join(file)).map(|m| m.len());
+            match have {
+                Ok(n) if n == want.bytes => {}
+                Ok(n) => {
+                    return Err(err(format!(
+                        "{file} is {n} bytes, famc.json records {}: the export is incomplete or mixed with another; re-export it",
+                        want.bytes
+                    )))
+                }
+                Err(e) => return Err(err(format!("{file}: {e} (famc.json lists it)"))),
+            }
+        }
+        let graphs = manifest.graphs.clone();
+        let files = [
+            Some(&graphs.block),
+            graphs.init.as_ref(),
+            graphs.decode.as_ref(),
+            graphs.fam_kv.as_ref(),
+        ];
+        let mut structures = Vec::new();
+        for file in files.into_iter().flatten() {
+            if !manifest.files.contains_key(file) {
+                return Err(err(format!(
+                    "famc.json names the graph {file} but records no size and hash for it"
+                )));
+            }
+            let g = read_structure(&dir.join(file)).map_err(|e| err(format!("{file}: {e}")))?;
+            structures.push((file.clone(), g));
+        }
+        check_block_graph(&structures[0].1, &manifest)
+            .map_err(|m| err(format!("{}: {m}", graphs.block)))?;
+        if let Some(init) = &graphs.init {
+            let g = &structures
+                .iter()
+                .find(|(f, _)| f == init)
+                .expect("read above")
+                .1;
+            let outs: Vec<String> = graph_io(g).1;
             for st in &manifest.state {
                 if let Some(name) = &st.init {
                     if !outs.contains(name) {
@@ -263,10 +508,41 @@ impl ExportDir {
         } else if manifest.fam.fam_len > 0 {
             return Err(err("famc.json has F > 0 but names no init graph".into()));
         }
+        let want = serde_json::to_value(manifest.embedded()).expect("manifest serialises");
+        for (file, g) in &structures {
+            check_embedded(g, &want).map_err(|m| err(format!("{file}: {m}")))?;
+            for location in external_locations(g) {
+                if !manifest.files.contains_key(&location) {
+                    return Err(err(format!(
+                        "{file} reads weights from `{location}`, which famc.json does not list"
+                    )));
+                }
+            }
+        }
         Ok(ExportDir {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// Hashes every file famc.json lists and compares with what it records; returns each file
+    /// with its size.
+    pub fn verify(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for (file, want) in &self.manifest.files {
+            let have = file_entry(&self.dir.join(file))?;
+            if have != *want {
+                return Err(Error::Export {
+                    dir: self.dir.clone(),
+                    message: format!(
+                        "{file}: sha256 {} ({} bytes), famc.json records {} ({} bytes): the file was changed or damaged",
+                        have.sha256, have.bytes, want.sha256, want.bytes
+                    ),
+                });
+            }
+            out.push((file.clone(), have.bytes));
+        }
+        Ok(out)
     }
 
     pub fn block_path(&self) -> PathBuf {
@@ -276,6 +552,74 @@ impl ExportDir {
     pub fn init_path(&self) -> Option<PathBuf> {
         self.manifest.graphs.init.as_ref().map(|f| self.dir.join(f))
     }
+}
+
+/// The graph's embedded manifest (`famc.manifest`) must be `want`; says which field differs.
+fn check_embedded(
+    m: &onnx::ModelProto,
+    want: &serde_json::Value,
+) -> std::result::Result<(), String> {
+    let text = m
+        .metadata_props
+        .iter()
+        .find(|p| p.key == "famc.manifest")
+        .map(|p| p.value.as_str())
+        .ok_or("no famc.manifest metadata: not a graph famc exported")?;
+    let have: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("unreadable famc.manifest metadata: {e}"))?;
+    match first_difference(&have, want, String::new()) {
+        None => Ok(()),
+        Some((path, a, b)) => Err(format!(
+            "the graph was exported with {path} = {a}, famc.json says {b}: the graph belongs to another export, or famc.json was edited; re-export"
+        )),
+    }
+}
+
+/// The first place (a dotted path) where two JSON values differ, with both values there.
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    at: String,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(p), Some(q)) => first_difference(p, q, join(k)),
+                (p, q) => Some((
+                    join(k),
+                    p.map_or("nothing".into(), Value::to_string),
+                    q.map_or("nothing".into(), Value::to_string),
+                )),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, format!("{at}[{i}]"))),
+        _ if a == b => None,
+        _ => Some((at, a.to_string(), b.to_string())),
+    }
+}
+
+/// The external-data files a graph's initializers name.
+fn external_locations(m: &onnx::ModelProto) -> std::collections::BTreeSet<String> {
+    m.graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .flat_map(|t| &t.external_data)
+        .filter(|e| e.key == "location")
+        .map(|e| e.value.clone())
+        .collect()
 }
 
 /// A graph's structure without its external data: checking an export must not read gigabytes.

@@ -24,6 +24,11 @@ pub struct RawConfig {
     pub rope_parameters: Option<serde_json::Value>,
     pub rope_scaling: Option<serde_json::Value>,
     pub fam: Option<FamDefaults>,
+    pub model_type: Option<String>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub sliding_window: Option<serde_json::Value>,
+    pub use_sliding_window: Option<bool>,
 }
 
 /// FAM hyper-parameters a checkpoint may suggest in `config.json` under `"fam"`.
@@ -57,7 +62,33 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// FAM defaults from `config.json`, if any.
     pub fam: FamDefaults,
+    /// Which attention biases the model has, as transformers builds it for `model_type`.
+    pub biases: Biases,
 }
+
+/// Which `self_attn.*_proj.bias` tensors the model uses, following transformers' classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Biases {
+    /// No `model_type` (or Llama with `attention_bias: true`): every bias the checkpoint has.
+    WherePresent,
+    /// Llama without `attention_bias`, Mistral: none; bias tensors in the file are not used.
+    Ignored,
+    /// Qwen2: q, k and v biases, required; no o bias.
+    Qkv,
+}
+
+/// Upper bounds on configuration values: far above any Llama-family model (24B models have
+/// d = 6144, 64 layers, vocabularies of 131,072), and low enough that every size famc derives
+/// from them fits its integer types and a failed check comes before any allocation.
+pub const CONFIG_LIMITS: [(&str, usize); 7] = [
+    ("hidden_size", 1 << 16),
+    ("num_hidden_layers", 1 << 10),
+    ("num_attention_heads", 1 << 10),
+    ("num_key_value_heads", 1 << 10),
+    ("head_dim", 1 << 12),
+    ("intermediate_size", 1 << 20),
+    ("vocab_size", 1 << 24),
+];
 
 impl ModelConfig {
     /// Reads and checks `config.json`.
@@ -77,9 +108,16 @@ impl ModelConfig {
             message,
         };
         let need = |v: Option<usize>, field: &str| -> Result<usize> {
+            let limit = CONFIG_LIMITS
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(usize::MAX, |(_, l)| *l);
             match v {
                 None => Err(err(format!("missing field `{field}`"))),
                 Some(0) => Err(err(format!("field `{field}` must be positive"))),
+                Some(n) if n > limit => Err(err(format!(
+                    "field `{field}` = {n} is larger than famc supports (at most {limit})"
+                ))),
                 Some(n) => Ok(n),
             }
         };
@@ -126,6 +164,7 @@ impl ModelConfig {
             }
         }
         let rope_theta = resolve_rope(&raw, &err)?;
+        let biases = resolve_family(&raw, &err)?;
         Ok(ModelConfig {
             hidden_size,
             num_layers,
@@ -138,12 +177,53 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             rope_theta,
             fam: raw.fam.unwrap_or_default(),
+            biases,
         })
     }
 
     /// Query heads per key/value head.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
+    }
+}
+
+/// The model family's corner cases, as transformers' Llama, Mistral and Qwen2 classes read them.
+fn resolve_family(raw: &RawConfig, err: &dyn Fn(String) -> Error) -> Result<Biases> {
+    if raw.mlp_bias == Some(true) {
+        return Err(err(
+            "`mlp_bias: true` (biases on the MLP projections) is not supported".into(),
+        ));
+    }
+    let window = raw
+        .sliding_window
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .map(|v| v.to_string());
+    let refuse_window = |w: String| {
+        Err(err(format!(
+            "`sliding_window: {w}`: transformers runs this model with sliding-window attention, \
+             which famc does not compile (FAM's block attention replaces it); set it to null for \
+             full causal attention"
+        )))
+    };
+    match raw.model_type.as_deref() {
+        None => Ok(Biases::WherePresent),
+        Some("llama") => Ok(if raw.attention_bias == Some(true) {
+            Biases::WherePresent
+        } else {
+            Biases::Ignored
+        }),
+        Some("mistral") => match window {
+            Some(w) => refuse_window(w),
+            None => Ok(Biases::Ignored),
+        },
+        Some("qwen2") => match window {
+            Some(w) if raw.use_sliding_window == Some(true) => refuse_window(w),
+            _ => Ok(Biases::Qkv),
+        },
+        Some(other) => Err(err(format!(
+            "unsupported model_type `{other}`: famc compiles llama, mistral and qwen2 checkpoints"
+        ))),
     }
 }
 
@@ -185,6 +265,15 @@ fn resolve_rope(raw: &RawConfig, err: &dyn Fn(String) -> Error) -> Result<f64> {
     }
     Ok(theta)
 }
+
+/// Upper bounds of the FAM parameters, in [`FamParams::validate`]'s order: L, F, M and M·L.
+/// The paper uses L = 1024, F = 64, M = 3; one block's attention scores grow with L·(M·L).
+pub const FAM_LIMITS: [(&str, usize); 4] = [
+    ("block_len", 1 << 20),
+    ("fam_len", 1 << 16),
+    ("mem_blocks", 1 << 16),
+    ("mem_len", 1 << 24),
+];
 
 /// Resolved FAM hyper-parameters: block length L, FAM length F, memory blocks M.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -254,12 +343,40 @@ impl FamParams {
         Ok(p)
     }
 
-    /// Checks ranges.
+    /// Checks ranges: each parameter within [`FAM_LIMITS`], so that every size and position
+    /// derived from them fits the graphs' int64 and the runtimes' allocations are checked first.
     pub fn validate(&self) -> Result<()> {
         if self.block_len == 0 {
             return Err(Error::FamParams("block length L must be at least 1".into()));
         }
+        for ((flag, value), (_, limit)) in [
+            ("--block-len", self.block_len),
+            ("--fam-len", self.fam_len),
+            ("--mem-blocks", self.mem_blocks),
+            (
+                "memory slots M·L (--mem-blocks × --block-len)",
+                self.mem_len_checked()?,
+            ),
+        ]
+        .into_iter()
+        .zip(FAM_LIMITS)
+        {
+            if value > limit {
+                return Err(Error::FamParams(format!(
+                    "{flag} = {value} is larger than famc supports (at most {limit})"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    fn mem_len_checked(&self) -> Result<usize> {
+        self.block_len.checked_mul(self.mem_blocks).ok_or_else(|| {
+            Error::FamParams(format!(
+                "--mem-blocks {} × --block-len {} overflows",
+                self.mem_blocks, self.block_len
+            ))
+        })
     }
 }
 

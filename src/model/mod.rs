@@ -4,7 +4,9 @@ mod config;
 pub mod synthetic;
 mod weights;
 
-pub use config::{config_path, FamDefaults, FamParams, ModelConfig, RawConfig};
+pub use config::{
+    config_path, Biases, FamDefaults, FamParams, ModelConfig, RawConfig, CONFIG_LIMITS, FAM_LIMITS,
+};
 pub use weights::{TensorStore, WeightLoader};
 
 use std::path::{Path, PathBuf};
@@ -80,17 +82,25 @@ impl LlamaWeights {
         let kv_out = cfg.num_kv_heads * cfg.head_dim;
         let i = cfg.intermediate_size;
         let model = root.pp("model");
+        check_layer_count(root, cfg)?;
         let embed_tokens = model.matrix("embed_tokens.weight", v, d)?;
-        let lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
+        // as transformers ties them: the embedding serves as the head, a stored lm_head is unused
+        let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
             Some(root.matrix("lm_head.weight", v, d)?)
         };
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let mut layers = Vec::new();
         for l in 0..cfg.num_layers {
             let lw = model.pp(format!("layers.{l}"));
             let at = lw.pp("self_attn");
             let mlp = lw.pp("mlp");
+            let bias = |name: &str, n: usize, required: bool| match cfg.biases {
+                Biases::Ignored => Ok(None),
+                Biases::WherePresent => at.optional_vector(name, n),
+                Biases::Qkv if required => at.vector(name, n).map(Some),
+                Biases::Qkv => Ok(None),
+            };
             layers.push(LayerWeights {
                 input_layernorm: lw.vector("input_layernorm.weight", d)?,
                 post_attention_layernorm: lw.vector("post_attention_layernorm.weight", d)?,
@@ -99,10 +109,10 @@ impl LlamaWeights {
                     k_proj: at.matrix("k_proj.weight", kv_out, d)?,
                     v_proj: at.matrix("v_proj.weight", kv_out, d)?,
                     o_proj: at.matrix("o_proj.weight", d, q_out)?,
-                    q_bias: at.optional_vector("q_proj.bias", q_out)?,
-                    k_bias: at.optional_vector("k_proj.bias", kv_out)?,
-                    v_bias: at.optional_vector("v_proj.bias", kv_out)?,
-                    o_bias: at.optional_vector("o_proj.bias", d)?,
+                    q_bias: bias("q_proj.bias", q_out, true)?,
+                    k_bias: bias("k_proj.bias", kv_out, true)?,
+                    v_bias: bias("v_proj.bias", kv_out, true)?,
+                    o_bias: bias("o_proj.bias", d, false)?,
                 },
                 mlp: MlpWeights {
                     gate_proj: mlp.matrix("gate_proj.weight", i, d)?,
@@ -139,6 +149,42 @@ impl LlamaWeights {
     }
 }
 
+/// The checkpoint's layers must be exactly those config.json declares: checked on the tensor
+/// names, before any layer is read, so a wrong `num_hidden_layers` is an error, not an
+/// allocation of the declared size or a silently ignored extra layer.
+fn check_layer_count(root: &WeightLoader, cfg: &ModelConfig) -> Result<()> {
+    let mut highest: Option<(usize, &str)> = None;
+    for name in root.names() {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            continue;
+        };
+        let Some(ix) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) else {
+            continue;
+        };
+        if highest.is_none_or(|(h, _)| ix > h) {
+            highest = Some((ix, name));
+        }
+    }
+    let n = cfg.num_layers;
+    let err = |message: String| Error::Checkpoint {
+        dir: root_dir(root),
+        message,
+    };
+    match highest {
+        Some((h, name)) if h >= n => Err(err(format!(
+            "config.json says num_hidden_layers = {n}, but the checkpoint has a layer {h} (tensor `{name}`)"
+        ))),
+        Some((h, _)) if h + 1 < n => Err(err(format!(
+            "config.json says num_hidden_layers = {n}, but the checkpoint's layers end at {h} (no tensor `model.layers.{}.*`)",
+            h + 1
+        ))),
+        None => Err(err(format!(
+            "config.json says num_hidden_layers = {n}, but the checkpoint has no `model.layers.*` tensors"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn root_dir(root: &WeightLoader) -> PathBuf {
     root.store_dir().to_path_buf()
 }
@@ -164,9 +210,21 @@ impl Checkpoint {
         }
         let cfg_path = config_path(dir);
         if !cfg_path.exists() {
+            let has = |ext: &str| {
+                std::fs::read_dir(dir).is_ok_and(|mut d| {
+                    d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == ext)))
+                })
+            };
+            let message = if dir.join("famc.json").exists() {
+                "no config.json: this is a famc export (famc.json), not a checkpoint".into()
+            } else if has("onnx") {
+                "neither config.json (a checkpoint) nor famc.json (a famc export): the .onnx graphs here are not a complete export; re-export it".into()
+            } else {
+                "no config.json: not a Hugging Face checkpoint".into()
+            };
             return Err(Error::Checkpoint {
                 dir: dir.to_path_buf(),
-                message: "no config.json".into(),
+                message,
             });
         }
         let config = ModelConfig::from_file(&cfg_path)?;

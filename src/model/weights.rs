@@ -49,7 +49,15 @@ impl TensorStore {
                 path: index_path.clone(),
                 source,
             })?;
-            for f in idx.weight_map.values() {
+            for (name, f) in &idx.weight_map {
+                let plain = Path::new(f)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !plain || f.is_empty() {
+                    return Err(ck_err(format!(
+                        "model.safetensors.index.json maps `{name}` to `{f}`, which is not a file inside the checkpoint directory"
+                    )));
+                }
                 let p = dir.join(f);
                 if !files.contains(&p) {
                     files.push(p);
@@ -80,7 +88,7 @@ impl TensorStore {
             let (header_len, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: explain_header_error(&mmap, &e),
                 })?;
             for name in metadata.offset_keys() {
                 index.insert(name, i);
@@ -186,6 +194,15 @@ impl TensorStore {
                 })
             }
         };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!(
+                    "tensor `{name}` holds a non-finite value ({}) at element {i}: the weights are damaged",
+                    values[i]
+                ),
+            });
+        }
         ArrayD::from_shape_vec(IxDyn(expected), values).map_err(|e| Error::Safetensors {
             path: shard.path.clone(),
             message: format!("tensor `{name}`: {e}"),
@@ -251,6 +268,11 @@ impl WeightLoader {
         self.store.contains(&self.full_name(name))
     }
 
+    /// Every tensor name of the checkpoint (not only under this prefix), sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.store.names()
+    }
+
     /// The shape of `name` under this prefix, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.store.shape(&self.full_name(name))
@@ -281,4 +303,49 @@ impl WeightLoader {
             Ok(None)
         }
     }
+}
+
+/// The safetensors crate's message, made precise where it names the wrong tensor: a missing
+/// header entry leaves a gap that it reports as a bad offset of the tensor after the gap.
+fn explain_header_error(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
+    let plain = e.to_string();
+    if !matches!(e, safetensors::SafeTensorError::InvalidOffset(_)) {
+        return plain;
+    }
+    let parsed = (|| {
+        let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+        let header: serde_json::Value =
+            serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+        let mut spans: Vec<(u64, u64, String)> = header
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .filter_map(|(k, v)| {
+                let o = v.get("data_offsets")?.as_array()?;
+                Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, k.clone()))
+            })
+            .collect();
+        spans.sort();
+        let mut end = 0;
+        for (s, e, name) in spans {
+            if s > end {
+                return Some(format!(
+                    "data bytes {end}..{s} belong to no header entry (a tensor missing from the header?); the next entry is `{name}`"
+                ));
+            }
+            if s < end {
+                return Some(format!(
+                    "tensor `{name}` starts at data byte {s}, inside the tensor before it (which ends at {end})"
+                ));
+            }
+            if e < s {
+                return Some(format!(
+                    "tensor `{name}` ends at data byte {e}, before it starts ({s})"
+                ));
+            }
+            end = e;
+        }
+        None
+    })();
+    parsed.unwrap_or(plain)
 }

@@ -432,6 +432,20 @@ impl RunOptions {
     }
 }
 
+/// The most threads famc starts for one pool (`--threads`, `--inter-threads`): more only makes
+/// the system refuse or stall.
+pub const MAX_THREADS: usize = 1024;
+
+/// Refuses thread counts above [`MAX_THREADS`]; `what` names the setting.
+pub(crate) fn check_threads(what: &str, n: usize) -> Result<()> {
+    if n > MAX_THREADS {
+        return Err(Error::Input(format!(
+            "{what} = {n}: famc runs at most {MAX_THREADS} threads per pool"
+        )));
+    }
+    Ok(())
+}
+
 /// Loads the ONNX graph at `path` for `kind`; its external data (`<file>.data`) must lie beside it.
 pub fn open_graph(
     kind: BackendKind,
@@ -445,6 +459,14 @@ pub fn open_graph(
             "does not exist"
         };
         return Err(backend_error(kind, path, format!("graph file {what}")));
+    }
+    for (what, n) in [
+        ("intra-op threads", opts.intra_threads),
+        ("inter-op threads", opts.inter_threads),
+    ] {
+        if let Some(n) = n {
+            check_threads(what, n)?;
+        }
     }
     match kind {
         BackendKind::Tract => {

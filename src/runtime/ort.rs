@@ -172,8 +172,16 @@ fn library_from_env_value(value: &Path) -> Result<OrtLibrary> {
     } else {
         return Err(fail("no such file".into()));
     };
-    let version = probe(&path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-    check_version(&version).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    // name the library file only when it is not the value itself (a file found in a directory)
+    let at = |e: String| {
+        if path == value {
+            fail(e)
+        } else {
+            fail(format!("{}: {e}", path.display()))
+        }
+    };
+    let version = probe(&path).map_err(&at)?;
+    check_version(&version).map_err(&at)?;
     Ok(OrtLibrary {
         path,
         version,
@@ -204,14 +212,17 @@ fn probe(path: &Path) -> std::result::Result<String, String> {
         }
         .to_string());
     }
-    // SAFETY: loading a shared library runs its initialisers; ONNX Runtime's are benign, and a
-    // file that is not a loadable library makes dlopen fail without running anything.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+    let unloadable = |e: &dyn fmt::Display| {
         let by_name = version_from_file_name(path)
             .map(|v| format!(" (version {v} by its file name)"))
             .unwrap_or_default();
         format!("cannot load it as a shared library{by_name}: {e}")
-    })?;
+    };
+    #[cfg(target_os = "linux")]
+    check_elf(path).map_err(|e| unloadable(&e))?;
+    // SAFETY: loading a shared library runs its initialisers; ONNX Runtime's are benign, and a
+    // file that is not a loadable library makes dlopen fail without running anything.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| unloadable(&e))?;
     // SAFETY: `OrtGetApiBase` has this signature in every ONNX Runtime release.
     let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ::ort::sys::OrtApiBase> =
         unsafe { lib.get(b"OrtGetApiBase\0") }.map_err(|_| {
@@ -239,6 +250,96 @@ fn probe(path: &Path) -> std::result::Result<String, String> {
         .filter(|v| parse_version(v).is_some())
         .or_else(|| version_from_file_name(path))
         .ok_or_else(|| "it reports no readable version, nor does its file name".to_string())
+}
+
+/// The file must be an ELF shared object whose loadable segments and section table lie within
+/// it: dlopen maps a truncated library without complaint, and the process then dies of SIGBUS
+/// on the first touch of a page past the end of the file.
+#[cfg(target_os = "linux")]
+fn check_elf(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let damaged =
+        |what: String| format!("not a usable shared library: {what} (truncated or damaged?)");
+    let mut head = Vec::new();
+    f.by_ref()
+        .take(1 << 20)
+        .read_to_end(&mut head)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if head.len() < 64 || &head[..4] != b"\x7fELF" {
+        return Err("not an ELF file, so not a shared library for this system".into());
+    }
+    let wide = match head[4] {
+        1 => false,
+        2 => true,
+        c => return Err(damaged(format!("unknown ELF class {c}"))),
+    };
+    if head[5] != 1 {
+        return Err("a big-endian ELF file: not a library for this system".into());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes")) as u64;
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
+    if u16_at(16) != 3 {
+        return Err(format!(
+            "an ELF file of type {}, not a shared object",
+            u16_at(16)
+        ));
+    }
+    let (phoff, phentsize, phnum, shoff, shentsize, shnum) = if wide {
+        (
+            u64_at(32),
+            u16_at(54),
+            u16_at(56),
+            u64_at(40),
+            u16_at(58),
+            u16_at(60),
+        )
+    } else {
+        (
+            u32_at(28),
+            u16_at(42),
+            u16_at(44),
+            u32_at(32),
+            u16_at(46),
+            u16_at(48),
+        )
+    };
+    let end = |off: u64, size: u64| off.checked_add(size).filter(|&e| e <= len);
+    let ph_end = end(phoff, phentsize * phnum).ok_or_else(|| {
+        damaged(format!(
+            "its program headers end past the file's {len} bytes"
+        ))
+    })?;
+    if shnum > 0 && end(shoff, shentsize * shnum).is_none() {
+        return Err(damaged(format!(
+            "its section headers end past the file's {len} bytes"
+        )));
+    }
+    if ph_end as usize > head.len() {
+        return Err(damaged(
+            "its program headers lie beyond the first MiB".into(),
+        ));
+    }
+    for i in 0..phnum {
+        let at = (phoff + i * phentsize) as usize;
+        if u32_at(at) != 1 {
+            continue; // only PT_LOAD segments are mapped
+        }
+        let (offset, filesz) = if wide {
+            (u64_at(at + 8), u64_at(at + 32))
+        } else {
+            (u32_at(at + 4), u32_at(at + 16))
+        };
+        if end(offset, filesz).is_none() {
+            return Err(damaged(format!(
+                "segment {i} spans bytes {offset}..{} of a {len}-byte file",
+                offset.saturating_add(filesz)
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_version(version: &str) -> std::result::Result<(), String> {

@@ -80,22 +80,29 @@ impl std::fmt::Debug for TractRunner {
 }
 
 /// One rayon pool per thread count, shared by every runner of the process (a model opens an
-/// init and a block graph; they need not each spawn threads).
-fn executor(threads: usize) -> Option<Executor> {
+/// init and a block graph; they need not each spawn threads). A pool that cannot start (the
+/// system refuses threads) is an error.
+fn executor(threads: usize) -> Result<Option<Executor>> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Executor>>> = OnceLock::new();
     if threads <= 1 {
-        return None;
+        return Ok(None);
     }
+    super::check_threads("tract threads", threads)?;
     let mut pools = POOLS
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    Some(
-        pools
-            .entry(threads)
-            .or_insert_with(|| Executor::multithread_with_name(threads, "famc-tract"))
-            .clone(),
-    )
+    if let Some(e) = pools.get(&threads) {
+        return Ok(Some(e.clone()));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("famc-tract-{i}"))
+        .build()
+        .map_err(|e| Error::Input(format!("cannot start {threads} tract threads: {e}")))?;
+    let e = Executor::MultiThread(Arc::new(pool));
+    pools.insert(threads, e.clone());
+    Ok(Some(e))
 }
 
 impl TractRunner {
@@ -171,7 +178,7 @@ impl TractRunner {
 
         let threads = opts.intra_threads.unwrap_or(1).max(1);
         let plan_opts = TractRunOptions {
-            executor: executor(threads),
+            executor: executor(threads)?,
             ..Default::default()
         };
 

@@ -1,0 +1,94 @@
+//! SIGINT and SIGTERM: remove the temporary files and directories famc is writing, say so, and
+//! exit (130 or 143), instead of leaving hidden temporaries of up to gigabytes behind.
+//!
+//! Writers register what they create ([`register`]) and drop the guard once the temporary has
+//! been renamed into place or removed. [`install`] is the binary's; a library user that does not
+//! call it keeps the default signal behaviour.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+
+fn registry() -> &'static Mutex<BTreeMap<u64, PathBuf>> {
+    static TEMPS: OnceLock<Mutex<BTreeMap<u64, PathBuf>>> = OnceLock::new();
+    TEMPS.get_or_init(Default::default)
+}
+
+/// A registered temporary: removed if a signal ends the process while the guard lives.
+#[derive(Debug)]
+pub struct TempGuard(u64);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
+    }
+}
+
+/// Registers a temporary file or directory for removal on SIGINT/SIGTERM.
+pub fn register(path: &Path) -> TempGuard {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, path.to_path_buf());
+    TempGuard(id)
+}
+
+/// Removes every registered temporary; returns how many existed.
+fn remove_all() -> usize {
+    let paths: Vec<PathBuf> = registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    paths
+        .iter()
+        .filter(|p| match std::fs::symlink_metadata(p) {
+            // the writing thread may still add files while the directory is emptied: retry
+            Ok(m) if m.is_dir() => (0..20).any(|_| std::fs::remove_dir_all(p).is_ok()),
+            Ok(_) => std::fs::remove_file(p).is_ok(),
+            Err(_) => false,
+        })
+        .count()
+}
+
+/// Handles SIGINT and SIGTERM on a thread of their own: temporaries removed, a message on
+/// stderr, exit status 128 + the signal's number. Idempotent.
+pub fn install() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+                .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+            std::thread::Builder::new()
+                .name("famc-signals".into())
+                .spawn(move || {
+                    if let Some(sig) = signals.forever().next() {
+                        let removed = remove_all();
+                        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        let what = if removed == 0 {
+                            String::new()
+                        } else {
+                            format!("; removed {removed} temporary file(s)")
+                        };
+                        eprintln!(
+                            "famc: interrupted by {name}{what}; outputs were left as they were"
+                        );
+                        std::process::exit(128 + sig);
+                    }
+                })
+                .map(|_| ())
+                .map_err(|e| format!("cannot start the signal thread: {e}"))
+        })
+        .clone()
+        .map_err(Error::Input)
+}
