@@ -151,6 +151,8 @@ fn load_graph(
     for t in &mut g.initializer {
         if t.data_location == DataLocation::External as i32 {
             load_tensor(t, dir, files)?;
+        } else if !t.raw_data.is_empty() {
+            check_size(t, t.raw_data.len())?;
         }
     }
     for node in &mut g.node {
@@ -223,19 +225,7 @@ fn load_tensor(
         }
     };
     let len = usize::try_from(end - offset).map_err(|_| bad("length too large".to_string()))?;
-    if let Some(dtype) = DType::from_onnx(t.data_type) {
-        let numel = t.dims.iter().try_fold(1usize, |acc, &d| {
-            usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-        });
-        if numel.and_then(|n| n.checked_mul(dtype.size_bytes())) != Some(len) {
-            return Err(BuildError::TensorSize {
-                tensor: t.name.clone(),
-                dims: t.dims.clone(),
-                dtype,
-                bytes: len,
-            });
-        }
-    }
+    check_size(t, len)?;
     let mut raw = vec![0u8; len];
     file.seek(SeekFrom::Start(offset))
         .and_then(|_| file.read_exact(&mut raw))
@@ -243,5 +233,43 @@ fn load_tensor(
     t.raw_data = raw;
     t.external_data.clear();
     t.data_location = DataLocation::Default as i32;
+    Ok(())
+}
+
+/// `len` bytes must be exactly the tensor's elements in its type.
+fn check_size(t: &onnx::TensorProto, len: usize) -> Result<(), BuildError> {
+    let bad = |reason: String| BuildError::ExternalData {
+        tensor: t.name.clone(),
+        reason,
+    };
+    let numel = t.dims.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+    });
+    let Some(numel) = numel else {
+        return Err(bad(format!("dims {:?} are negative or too large", t.dims)));
+    };
+    // bits per element of every ONNX tensor type a weight may have
+    let bits: usize = match t.data_type {
+        2 | 3 | 9 | 17..=20 => 8,
+        4 | 5 | 10 | 16 => 16,
+        1 | 6 | 12 => 32,
+        7 | 11 | 13 => 64,
+        21 | 22 | 23 => 4,
+        other => return Err(bad(format!("unsupported element type {other}"))),
+    };
+    if numel.checked_mul(bits).map(|b| b.div_ceil(8)) != Some(len) {
+        return Err(match DType::from_onnx(t.data_type) {
+            Some(dtype) => BuildError::TensorSize {
+                tensor: t.name.clone(),
+                dims: t.dims.clone(),
+                dtype,
+                bytes: len,
+            },
+            None => bad(format!(
+                "{len} bytes do not hold {numel} elements of type {}",
+                t.data_type
+            )),
+        });
+    }
     Ok(())
 }
