@@ -1160,8 +1160,8 @@ fn check_config(c: &ModelConfig, path: &Path) -> Check {
         prop_assert!(v >= 1 && v <= limit(field), "{} = {} accepted", field, v);
     }
     prop_assert!(c.head_dim >= 1 && c.head_dim <= limit("head_dim").max(limit("hidden_size")));
-    prop_assert!(c.head_dim % 2 == 0, "odd head_dim {}", c.head_dim);
-    prop_assert!(c.num_heads % c.num_kv_heads == 0);
+    prop_assert!(c.head_dim.is_multiple_of(2), "odd head_dim {}", c.head_dim);
+    prop_assert!(c.num_heads.is_multiple_of(c.num_kv_heads));
     prop_assert!(call!("ModelConfig::group_size", c.group_size()) >= 1);
     prop_assert!(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0);
     prop_assert!(c.rope_theta.is_finite() && c.rope_theta > 0.0);

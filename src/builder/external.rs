@@ -254,7 +254,7 @@ fn check_size(t: &onnx::TensorProto, len: usize) -> Result<(), BuildError> {
         4 | 5 | 10 | 16 => 16,
         1 | 6 | 12 => 32,
         7 | 11 | 13 => 64,
-        21 | 22 | 23 => 4,
+        21..=23 => 4,
         other => return Err(bad(format!("unsupported element type {other}"))),
     };
     if numel.checked_mul(bits).map(|b| b.div_ceil(8)) != Some(len) {
