@@ -2,6 +2,9 @@
 """Writes tests/data/smollm2/{ids.txt,reference.json}: transformers' own numbers for SmolLM2-135M.
 
 Usage (in the training venv .venv-train, never in CI):
+    python3 -m venv .venv-train
+    .venv-train/bin/pip install -r export/requirements-train.txt gguf==0.19.0 accelerate==1.15.0
+        # transformers refuses to load a GGUF model without accelerate
     scripts/fetch-smollm2.sh                      # the GGUF and its conversion, in ~/.cache/famc/smollm2
     .venv-train/bin/python export/make_smollm2_reference.py [CACHE_DIR] [OUT_DIR]
     (defaults ${FAMC_CACHE:-~/.cache/famc}/smollm2 and tests/data/smollm2)
