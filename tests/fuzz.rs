@@ -48,6 +48,45 @@ thread_local! {
     static GUARDED: Cell<bool> = const { Cell::new(false) };
     /// The last guarded panic of this thread: location and message.
     static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Outcomes of the calls [`tally`] saw in the current target: label -> (ok, err).
+    static TALLY: RefCell<BTreeMap<String, (u64, u64)>> = const { RefCell::new(BTreeMap::new()) };
+    /// With `FUZZ_ERRORS=1`: each error message's start -> count.
+    static ERRORS: RefCell<BTreeMap<String, u64>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// `s` with temporary directory names (`/tmp/.tmpXXXXXX`) replaced by `<tmp>`.
+fn untemp(s: &str) -> String {
+    let tmp = std::env::temp_dir().join(".tmp").display().to_string();
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(&tmp) {
+        out.push_str(&rest[..i]);
+        out.push_str("<tmp>");
+        rest = &rest[i + tmp.len()..];
+        let n = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
+        rest = &rest[n..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Counts an API call's outcome, for the target's summary line.
+fn tally<T, E: std::fmt::Display>(label: &str, r: &Result<T, E>) {
+    TALLY.with(|t| {
+        let mut t = t.borrow_mut();
+        let e = t.entry(label.to_string()).or_default();
+        if r.is_ok() {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    });
+    if let Err(e) = r {
+        if std::env::var_os("FUZZ_ERRORS").is_some() {
+            let text: String = untemp(&format!("{label}: {e}")).chars().take(100).collect();
+            ERRORS.with(|m| *m.borrow_mut().entry(text).or_default() += 1);
+        }
+    }
 }
 
 fn payload_text(p: &(dyn std::any::Any + Send)) -> String {
@@ -117,16 +156,30 @@ where
     let cases = config.cases;
     let mut runner = TestRunner::new(config);
     let runs = Cell::new(0u64);
+    TALLY.with(|t| t.borrow_mut().clear());
+    ERRORS.with(|t| t.borrow_mut().clear());
     let start = Instant::now();
     let result = runner.run(&strategy, |v| {
         runs.set(runs.get() + 1);
         test(v)
     });
+    let outcomes = TALLY.with(|t| {
+        t.borrow()
+            .iter()
+            .map(|(k, (ok, err))| format!("{k} {ok} ok/{err} err"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
     println!(
-        "fuzz target {name}: {cases} cases, {} runs, {:.2?}",
+        "fuzz target {name}: {cases} cases, {} runs, {:.2?} [{outcomes}]",
         runs.get(),
         start.elapsed()
     );
+    ERRORS.with(|m| {
+        for (text, n) in m.borrow().iter() {
+            println!("  {n:6} x {text}");
+        }
+    });
     if let Err(e) = result {
         panic!("fuzz target {name}: {e}");
     }
@@ -751,6 +804,7 @@ fn apply_header_case(seed: &Seed, case: &HeaderCase) -> Vec<u8> {
 /// Returns the store's tensors (name -> f32 values) when it opened.
 fn open_and_read(dir: &Path) -> Result<Option<BTreeMap<String, Vec<f32>>>, TestCaseError> {
     let opened = call!("TensorStore::open", TensorStore::open(dir));
+    tally("open", &opened);
     let Ok(store) = opened else { return Ok(None) };
     let store = Arc::new(store);
     let names: Vec<String> = store.names().map(str::to_string).collect();
@@ -768,6 +822,7 @@ fn open_and_read(dir: &Path) -> Result<Option<BTreeMap<String, Vec<f32>>>, TestC
             format!("TensorStore::get({name:?})"),
             store.get(name, &shape)
         );
+        tally("get", &got);
         if let Ok(a) = &got {
             prop_assert_eq!(a.shape(), &shape[..], "tensor `{}` has another shape", name);
             prop_assert!(
@@ -958,6 +1013,9 @@ fn fuzz_shard_index() {
         write(&d.join(SHARD_B), &serialize_tensors(&b));
         for (name, extra) in &case.extra {
             let p = d.join(name);
+            // a name may repeat: the last kind wins
+            let _ = std::fs::remove_dir_all(&p);
+            let _ = std::fs::remove_file(&p);
             match extra {
                 Extra::Empty => write(&p, b""),
                 Extra::Garbage(g) => write(&p, g),
@@ -1087,6 +1145,7 @@ fn check_checkpoint(ck: &Checkpoint) -> Check {
 
 #[derive(Debug, Clone)]
 enum StMut {
+    Keep,
     Bytes(Vec<ByteMut>),
     Header(HeaderCase),
 }
@@ -1101,14 +1160,16 @@ fn fuzz_checkpoint_load() {
     let hot = 8 + seed.header_len + 64;
     let body_len = seed.bytes.len() - 8 - seed.header_len;
     let st = prop_oneof![
-        vec(byte_mut(hot), 1..5).prop_map(StMut::Bytes),
-        header_case(body_len).prop_map(StMut::Header),
+        1 => Just(StMut::Keep),
+        2 => vec(byte_mut(hot), 1..5).prop_map(StMut::Bytes),
+        3 => header_case(body_len).prop_map(StMut::Header),
     ];
     let cfg = prop_oneof![3 => Just(vec![]), 1 => vec(json_mut(), 1..3)];
     run_target("checkpoint_load", 0x5AFE_0004, (st, cfg), |(st, cfg)| {
         let dir = tempdir();
         let d = dir.path();
         let bytes = match &st {
+            StMut::Keep => seed.bytes.clone(),
             StMut::Bytes(m) => apply_bytes(seed.bytes.clone(), m),
             StMut::Header(h) => apply_header_case(&seed, h),
         };
@@ -1118,6 +1179,7 @@ fn fuzz_checkpoint_load() {
             mutate_json(&config, &cfg).as_bytes(),
         );
         let ck = call!("Checkpoint::load", Checkpoint::load(d));
+        tally("Checkpoint::load", &ck);
         if let Ok(ck) = &ck {
             check_checkpoint(ck)?;
         }
@@ -1203,9 +1265,11 @@ fn fuzz_config_json() {
             "serde_json::from_str::<RawConfig>",
             serde_json::from_str::<RawConfig>(&text)
         );
+        tally("RawConfig", &raw);
         let resolved = match raw {
             Ok(raw) => {
                 let r = call!("ModelConfig::resolve", ModelConfig::resolve(raw, &path));
+                tally("resolve", &r);
                 if let Ok(c) = &r {
                     check_config(c, &path)?;
                 }
@@ -1215,6 +1279,7 @@ fn fuzz_config_json() {
         };
         write(&path, &bytes);
         let from_file = call!("ModelConfig::from_file", ModelConfig::from_file(&path));
+        tally("from_file", &from_file);
         if let Ok(c) = &from_file {
             check_config(c, &path)?;
         }
@@ -1246,6 +1311,9 @@ enum GraphEdit {
     DropOutput(usize),
     DropLogitsShape,
     ClearGraph,
+    DropMetadata,
+    /// Mutates the embedded manifest (`famc.manifest` metadata).
+    Metadata(Vec<JsonMut>),
 }
 
 #[derive(Debug, Clone)]
@@ -1256,6 +1324,9 @@ struct ManifestCase {
     /// Writes a mutated copy of block (0) or init (1) as `mut.onnx` and points the manifest at it.
     graph: Option<(u8, Vec<GraphEdit>, Vec<ByteMut>)>,
     text_bytes: Vec<ByteMut>,
+    /// Rewrites the graphs' embedded manifests and famc.json's sizes and hashes to agree with
+    /// the mutated manifest (when it still parses), so the checks behind them are reached.
+    resync: bool,
 }
 
 fn manifest_case() -> impl Strategy<Value = ManifestCase> {
@@ -1269,10 +1340,13 @@ fn manifest_case() -> impl Strategy<Value = ManifestCase> {
         1 => any::<usize>().prop_map(GraphEdit::DropOutput),
         1 => Just(GraphEdit::DropLogitsShape),
         1 => Just(GraphEdit::ClearGraph),
+        1 => Just(GraphEdit::DropMetadata),
+        2 => vec(json_mut(), 1..3).prop_map(GraphEdit::Metadata),
     ];
     let name = prop_oneof![
         select(HOSTILE_PATHS).prop_map(str::to_string),
         select(GRAPH_FILES).prop_map(str::to_string),
+        Just("generation_config.json".to_string()),
         Just(repo("graphs/tiny-fam/block.onnx").display().to_string()),
         Just("../tiny-fam/block.onnx".to_string()),
         Just("famc.json".to_string()),
@@ -1289,13 +1363,17 @@ fn manifest_case() -> impl Strategy<Value = ManifestCase> {
             ),
         ),
         prop_oneof![5 => Just(vec![]), 1 => vec(byte_mut(1800), 1..3)],
+        prop::bool::weighted(0.6),
     )
-        .prop_map(|(json, graph_name, graph, text_bytes)| ManifestCase {
-            json,
-            graph_name,
-            graph,
-            text_bytes,
-        })
+        .prop_map(
+            |(json, graph_name, graph, text_bytes, resync)| ManifestCase {
+                json,
+                graph_name,
+                graph,
+                text_bytes,
+                resync,
+            },
+        )
 }
 
 fn edit_graph(m: &mut onnx::ModelProto, edits: &[GraphEdit]) {
@@ -1352,44 +1430,148 @@ fn edit_graph(m: &mut onnx::ModelProto, edits: &[GraphEdit]) {
                 }
             }
             GraphEdit::ClearGraph => m.graph = None,
+            GraphEdit::DropMetadata => m.metadata_props.clear(),
+            GraphEdit::Metadata(muts) => {
+                let have = m
+                    .metadata_props
+                    .iter()
+                    .find(|p| p.key == EMBEDDED)
+                    .and_then(|p| serde_json::from_str::<Value>(&p.value).ok())
+                    .unwrap_or(Value::Null);
+                set_embedded(m, mutate_json(&have, muts));
+            }
             GraphEdit::DropInput(_) | GraphEdit::DropOutput(_) => {}
         }
+    }
+}
+
+const EMBEDDED: &str = "famc.manifest";
+
+fn set_embedded(m: &mut onnx::ModelProto, text: String) {
+    match m.metadata_props.iter_mut().find(|p| p.key == EMBEDDED) {
+        Some(p) => p.value = text,
+        None => m.metadata_props.push(onnx::StringStringEntryProto {
+            key: EMBEDDED.into(),
+            value: text,
+        }),
+    }
+}
+
+fn file_entry(bytes: &[u8]) -> famc::export::FileEntry {
+    famc::export::FileEntry {
+        bytes: bytes.len() as u64,
+        sha256: famc::model::hex(&Sha256::digest(bytes)),
     }
 }
 
 #[test]
 fn fuzz_manifest() {
     let src = repo("graphs/tiny-fam");
-    let seed: Value =
-        serde_json::from_slice(&std::fs::read(src.join("famc.json")).unwrap()).unwrap();
-    let dir = tempdir();
-    let d = dir.path();
-    for f in GRAPH_FILES {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let graphs: Vec<onnx::ModelProto> = ["block.onnx", "init.onnx"]
-        .iter()
-        .map(|f| onnx::ModelProto::decode(std::fs::read(src.join(f)).unwrap().as_slice()).unwrap())
+    let seed_text = std::fs::read(src.join("famc.json")).unwrap();
+    let seed: Value = serde_json::from_slice(&seed_text).unwrap();
+    let seed_manifest: Manifest = serde_json::from_slice(&seed_text).unwrap();
+    // every file the export lists, in memory; the graphs also decoded
+    let files: BTreeMap<String, Vec<u8>> = seed_manifest
+        .files
+        .keys()
+        .map(|f| (f.clone(), std::fs::read(src.join(f)).unwrap()))
         .collect();
+    let graphs: BTreeMap<String, onnx::ModelProto> = files
+        .iter()
+        .filter(|(f, _)| f.ends_with(".onnx"))
+        .map(|(f, b)| (f.clone(), onnx::ModelProto::decode(b.as_slice()).unwrap()))
+        .collect();
+    let field = |w: u8| if w == 0 { "block" } else { "init" };
+    let seed_graph = |w: u8| {
+        let name = if w == 0 {
+            &seed_manifest.graphs.block
+        } else {
+            seed_manifest.graphs.init.as_ref().unwrap()
+        };
+        graphs[name].clone()
+    };
     run_target("manifest", 0xFA3C_0001, manifest_case(), |case| {
+        let dir = tempdir();
+        let d = dir.path();
+        for (f, b) in &files {
+            write(&d.join(f), b);
+        }
         let mut v = seed.clone();
-        let field = |w: u8| if w == 0 { "block" } else { "init" };
+        let mut mutated_graph = None;
         if let Some((which, edits, bytes)) = &case.graph {
-            let mut g = graphs[*which as usize].clone();
-            edit_graph(&mut g, edits);
-            write(&d.join("mut.onnx"), &apply_bytes(g.encode_to_vec(), bytes));
             v["graphs"][field(*which)] = Value::from("mut.onnx");
+            mutated_graph = Some((seed_graph(*which), edits, bytes));
+        }
+        let write_mutated = |g: &onnx::ModelProto| -> Vec<u8> {
+            let (_, edits, bytes) = mutated_graph.as_ref().unwrap();
+            let mut g = g.clone();
+            edit_graph(&mut g, edits);
+            let b = apply_bytes(g.encode_to_vec(), bytes);
+            write(&d.join("mut.onnx"), &b);
+            b
+        };
+        if let (Some((g, ..)), false) = (&mutated_graph, case.resync) {
+            let b = write_mutated(g);
+            v["files"]["mut.onnx"] = serde_json::to_value(file_entry(&b)).unwrap();
         }
         if let Some((which, name)) = &case.graph_name {
             v["graphs"][field(*which)] = Value::from(name.as_str());
         }
-        let text = apply_bytes(mutate_json(&v, &case.json).into_bytes(), &case.text_bytes);
+        let mut text = mutate_json(&v, &case.json);
+        if case.resync {
+            if let Ok(mut m) = serde_json::from_str::<Manifest>(&text) {
+                let embedded = serde_json::to_string(&m.embedded()).unwrap();
+                let named = [
+                    Some(m.graphs.block.clone()),
+                    m.graphs.init.clone(),
+                    m.graphs.decode.clone(),
+                    m.graphs.fam_kv.clone(),
+                ];
+                for name in named.into_iter().flatten() {
+                    let bytes = if name == "mut.onnx" {
+                        let Some((g, ..)) = &mutated_graph else {
+                            continue;
+                        };
+                        let mut g = g.clone();
+                        set_embedded(&mut g, embedded.clone());
+                        write_mutated(&g)
+                    } else if let Some(g) = graphs.get(&name) {
+                        let mut g = g.clone();
+                        set_embedded(&mut g, embedded.clone());
+                        let b = g.encode_to_vec();
+                        write(&d.join(&name), &b);
+                        b
+                    } else {
+                        continue;
+                    };
+                    m.files.insert(name, file_entry(&bytes));
+                }
+                text = serde_json::to_string_pretty(&m).unwrap();
+            }
+        }
+        let text = apply_bytes(text.into_bytes(), &case.text_bytes);
         write(&d.join("famc.json"), &text);
         let read = call!("Manifest::read", Manifest::read(d));
+        tally("Manifest::read", &read);
         if let Ok(m) = &read {
             prop_assert_eq!(m.format_version, famc::export::FORMAT_VERSION);
+            prop_assert!(call!("FamParams::validate", m.fam.validate()).is_ok());
+            let graph_names = [
+                Some(&m.graphs.block),
+                m.graphs.init.as_ref(),
+                m.graphs.decode.as_ref(),
+                m.graphs.fam_kv.as_ref(),
+            ];
+            for name in graph_names.into_iter().flatten().chain(m.files.keys()) {
+                prop_assert!(
+                    plain_relative(name) && !name.contains('/'),
+                    "famc.json names `{}`, outside the export directory, and was read",
+                    name
+                );
+            }
         }
         let opened = call!("ExportDir::open", ExportDir::open(d));
+        tally("ExportDir::open", &opened);
         if let Ok(e) = &opened {
             prop_assert!(
                 read.is_ok(),
@@ -1404,6 +1586,8 @@ fn fuzz_manifest() {
             if e.manifest.fam.fam_len > 0 {
                 prop_assert!(e.init_path().is_some_and(|p| p.is_file()));
             }
+            let verified = call!("ExportDir::verify", e.verify());
+            tally("ExportDir::verify", &verified);
         }
         Ok(())
     });
@@ -1513,6 +1697,7 @@ fn fuzz_snapshot_bytes() {
             let bytes = apply_bytes(std::fs::read(&path).unwrap(), &muts);
             write(&path, &bytes);
             let loaded = call!("Snapshot::load(mutated)", Snapshot::load(&path, &m));
+            tally("load", &loaded);
             if let Ok(s) = &loaded {
                 check_snapshot(s, &m)?;
             }
@@ -1559,10 +1744,10 @@ fn forged_snap(m: &Manifest) -> impl Strategy<Value = ForgedSnap> {
         0usize..100,
     ];
     let pending = prop_oneof![
-        vec(0u32..m.model.vocab_size as u32, 0..=l),
-        vec(any::<u32>(), 0..2 * l + 2),
-        vec(Just(u32::MAX), 0..3),
-        (l + 1..4 * l).prop_map(|n| vec![0u32; n]),
+        4 => vec(0u32..m.model.vocab_size as u32, 0..=l),
+        1 => vec(any::<u32>(), 0..2 * l + 2),
+        1 => vec(Just(u32::MAX), 0..3),
+        1 => (l + 1..4 * l).prop_map(|n| vec![0u32; n]),
     ];
     let nll = prop_oneof![
         select(
@@ -1653,10 +1838,13 @@ fn fuzz_snapshot_forged() {
             scored,
             tokens_read,
         };
-        if call!("Snapshot::save", snap.save(&path, &m)).is_err() {
+        let saved = call!("Snapshot::save", snap.save(&path, &m));
+        tally("save", &saved);
+        if saved.is_err() {
             return Ok(());
         }
         let loaded = call!("Snapshot::load(forged)", Snapshot::load(&path, &m));
+        tally("load", &loaded);
         if let Ok(s) = &loaded {
             check_snapshot(s, &m)?;
             prop_assert!(*s == snap, "the snapshot loaded differs from the one saved");
@@ -1816,7 +2004,10 @@ fn fuzz_snapshot_metadata() {
                     tensors.push((name.clone(), safetensors::Dtype::F32, vec![1], vec![0; 4]));
                 }
                 TensorForge::ToF16(i) => {
-                    if let Some(t) = tensors.get_mut(i % n) {
+                    if let Some(t) = tensors
+                        .get_mut(i % n)
+                        .filter(|t| t.1 == safetensors::Dtype::F32)
+                    {
                         t.1 = safetensors::Dtype::F16;
                         if let Some(last) = t.2.last_mut() {
                             *last *= 2;
@@ -1863,6 +2054,7 @@ fn fuzz_snapshot_metadata() {
             &safetensors::serialize(views, Some(meta_map)).unwrap(),
         );
         let loaded = call!("Snapshot::load(forged metadata)", Snapshot::load(&path, &m));
+        tally("load", &loaded);
         if let Ok(s) = &loaded {
             check_snapshot(s, &m)?;
         }
@@ -1872,12 +2064,26 @@ fn fuzz_snapshot_metadata() {
 
 // ---- target 5: token-id readers ------------------------------------------------------------
 
+/// Every separator but the last three is whitespace (ASCII and Unicode).
 const SEPARATORS: &[&str] = &[
     " ", "\n", "\t", "\r\n", "  ", "\u{0B}", "\u{0C}", "\u{85}", "\u{A0}", "\u{1680}", "\u{2000}",
     "\u{2007}", "\u{2028}", "\u{2029}", "\u{202F}", "\u{205F}", "\u{3000}",
     // not whitespace: these join words
     "\u{200B}", "\u{FEFF}", "\u{0}",
 ];
+
+fn whitespace() -> impl Strategy<Value = &'static str> {
+    select(&SEPARATORS[..SEPARATORS.len() - 3])
+}
+
+/// A word the oracle accepts for vocabularies of 256 or more.
+fn id_word() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => (0u64..256).prop_map(|v| v.to_string()),
+        1 => (1usize..70, 0u64..256).prop_map(|(z, v)| format!("{}{v}", "0".repeat(z))),
+        1 => (0u64..256).prop_map(|v| format!("+{v}")),
+    ]
+}
 
 fn token_word() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -1925,7 +2131,10 @@ struct TokenCase {
 fn token_case() -> impl Strategy<Value = TokenCase> {
     (
         select(SEPARATORS),
-        vec((token_word(), select(SEPARATORS)), 0..40),
+        prop_oneof![
+            1 => vec((id_word(), whitespace()), 0..80),
+            1 => vec((token_word(), select(SEPARATORS)), 0..40),
+        ],
         prop_oneof![6 => Just(vec![]), 1 => vec(byte_mut(256), 1..3)],
         prop_oneof![4 => Just(256usize), 2 => 0usize..400, 1 => Just(1usize << 24), 1 => Just(1usize)],
         prop_oneof![
@@ -2034,6 +2243,7 @@ fn fuzz_token_ids() {
             "parse_token_ids",
             famc::io::parse_token_ids(&lossy, "fuzz", vocab)
         );
+        tally("parse_token_ids", &parsed);
         match (oracle(lossy.as_bytes(), vocab), &parsed) {
             (Expect::Ids(want, _), Ok(got)) => prop_assert_eq!(&want, got),
             (Expect::Ids(want, _), Err(e)) => {
@@ -2094,6 +2304,7 @@ fn fuzz_token_ids() {
             }
             Expect::Invalid => prop_assert!(failed.is_some(), "invalid input read as {:?}", ids),
         }
+        tally("TokenReader", &failed.map_or(Ok(()), Err));
         Ok(())
     });
 }
@@ -2331,6 +2542,7 @@ fn fuzz_onnx_external_data() {
             DataFile::Dir => std::fs::create_dir(&data_path).unwrap(),
         }
         let loaded = call!("load_model", load_model(&path));
+        tally("load_model", &loaded);
         let unmutated = case.edits.is_empty()
             && case.proto_bytes.is_empty()
             && matches!(case.data, DataFile::Keep | DataFile::Extend(_));

@@ -145,6 +145,9 @@ impl Manifest {
 
 /// A single path component: no directory, no `..`, not absolute.
 pub fn is_plain_file_name(name: &str) -> bool {
+    if name.contains(['/', '\\']) {
+        return false;
+    }
     let mut c = Path::new(name).components();
     matches!(
         (c.next(), c.next()),
