@@ -3,20 +3,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-}
 
 fn read_npy(p: &Path) -> ndarray::Array2<f32> {
     use ndarray_npy::ReadNpyExt;

@@ -14,23 +14,6 @@ fn famc_bin() -> &'static str {
     env!("CARGO_BIN_EXE_famc")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A failure with a message containing `needle`, and no panic.
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(
-        o.status.code().is_some_and(|c| c != 101),
-        "exit status {:?}: {err}",
-        o.status
-    );
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -79,6 +62,14 @@ fn entries(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Export temporaries (`.NAME.famc-tmp-*`) in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| n.contains("famc-tmp"))
+        .collect()
 }
 
 fn file_type(p: &Path) -> std::fs::FileType {
@@ -235,10 +226,7 @@ fn sigterm_during_export_leaves_one_whole_export_and_no_temporaries() {
                 "an interrupted export changed the old one"
             );
         }
-        let left: Vec<String> = entries(tmp.path())
-            .into_iter()
-            .filter(|n| n.contains("famc-tmp"))
-            .collect();
+        let left = temporaries(tmp.path());
         assert!(left.is_empty(), "temporaries left: {left:?}");
     }
 }
@@ -253,10 +241,7 @@ fn sigkill_during_export_leaves_one_whole_export_and_the_next_export_cleans_up()
         .status
         .success());
     assert_eq!(block_len_of(&out), 16);
-    let left: Vec<String> = entries(tmp.path())
-        .into_iter()
-        .filter(|n| n.contains("famc-tmp"))
-        .collect();
+    let left = temporaries(tmp.path());
     assert!(left.is_empty(), "stale temporaries kept: {left:?}");
 }
 
@@ -305,10 +290,7 @@ fn full_disk_during_export_leaves_the_old_export() {
     assert_clean_failure(&o, "File too large");
     assert_eq!(block_len_of(&out), 16);
     assert!(verify(&out).status.success());
-    let left: Vec<String> = entries(tmp.path())
-        .into_iter()
-        .filter(|n| n.contains("famc-tmp"))
-        .collect();
+    let left = temporaries(tmp.path());
     assert!(left.is_empty(), "temporaries left: {left:?}");
 }
 

@@ -426,3 +426,21 @@ pub fn max_abs_diff_f32<'a>(
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The standard error of a finished command, as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure (not a panic, not exit status 101) whose message contains `needle`.
+pub fn assert_clean_failure(o: &std::process::Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(
+        o.status.code().is_some_and(|c| c != 101),
+        "exit status {:?}: {err}",
+        o.status
+    );
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+}
