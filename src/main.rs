@@ -56,7 +56,7 @@ struct ExportArgs {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
-    /// Initializers larger than this many bytes go to `<graph>.onnx.data`.
+    /// Initializers larger than this many bytes go to the weight store `weights.data`.
     #[arg(long, default_value_t = famc::export::DEFAULT_EXTERNAL_THRESHOLD)]
     external_threshold: usize,
     /// Element type of the stored weight matrices: f32, f16 or bf16 (computation stays f32).

@@ -336,6 +336,35 @@ fn cli_generate() {
         .unwrap();
     assert_eq!(stopped, want[prompt.len()..prompt.len() + first_stop]);
 
+    // the checkpoint's end-of-sequence ids stop generation, unless --ignore-eos
+    let eos = want[prompt.len() + 2];
+    let first_eos = want[prompt.len()..].iter().position(|&t| t == eos).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        format!("{{\"eos_token_id\": [{eos}]}}"),
+    )
+    .unwrap();
+    let at_eos = ids_of(&famc(&[&base[..], &["--max-new-tokens", "9"]].concat()));
+    assert_eq!(at_eos, want[prompt.len()..prompt.len() + first_eos]);
+    let ignored = ids_of(&famc(
+        &[&base[..], &["--max-new-tokens", "9", "--ignore-eos"]].concat(),
+    ));
+    assert_eq!(ignored, want[prompt.len()..]);
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .unwrap();
+    let o = famc(&[&base[..], &["--max-new-tokens", "2"]].concat());
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("generation_config.json")
+            && String::from_utf8_lossy(&o.stderr).contains("eos_token_id"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_file(dir.join("generation_config.json")).unwrap();
+
     let sampled = |seed: &str| {
         ids_of(&famc(
             &[

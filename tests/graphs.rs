@@ -250,8 +250,10 @@ fn external_data_exports_and_runs() {
         },
     )
     .unwrap();
-    assert!(out.join("block.onnx.data").exists());
-    assert!(out.join("init.onnx.data").exists());
+    assert!(out.join(export::WEIGHTS_FILE).exists());
+    for g in ["block", "init", "decode", "fam_kv"] {
+        assert!(!out.join(format!("{g}.onnx.data")).exists());
+    }
     let report = famc::inspect::inspect(&out).unwrap();
     assert!(report.graphs[0].external_weight_bytes > 0);
     let ids = Rng::new(4).tokens(13, 40);

@@ -123,6 +123,99 @@ pub fn save_model(
     Ok(())
 }
 
+/// What [`save_models`] wrote into the weight store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Tensors that point into the store, over all models.
+    pub references: usize,
+    /// Distinct tensors stored (identical bytes are stored once).
+    pub stored: usize,
+    /// Size of the store file in bytes (0 when nothing went into it).
+    pub bytes: u64,
+}
+
+/// Writes `models` (each to its path, all in one directory) with every top-level initializer
+/// of more than `threshold` bytes moved into the one weight store `store` beside them (ONNX
+/// external data, offsets aligned to [`EXTERNAL_DATA_ALIGNMENT`]): a tensor whose element type,
+/// dims and bytes equal one already stored points at the same bytes, so weights that several
+/// graphs share are stored once. Files are written as [`save_model`] writes them, the store
+/// first. No store file is written when no tensor goes into it.
+pub fn save_models(
+    mut models: Vec<(PathBuf, onnx::ModelProto)>,
+    store: &Path,
+    threshold: usize,
+) -> Result<StoreStats, BuildError> {
+    use sha2::{Digest, Sha256};
+    let store_name = store
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| BuildError::InvalidPath(store.to_path_buf()))?
+        .to_string();
+    let dir = match store.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut stats = StoreStats::default();
+    let mut writer: Option<BufWriter<NamedTempFile>> = None;
+    let mut stored: std::collections::HashMap<(i32, Vec<i64>, [u8; 32]), (u64, usize)> =
+        Default::default();
+    let mut offset: u64 = 0;
+    for (_, model) in &mut models {
+        let Some(graph) = model.graph.as_mut() else {
+            continue;
+        };
+        for t in graph
+            .initializer
+            .iter_mut()
+            .filter(|t| t.raw_data.len() > threshold)
+        {
+            let raw = std::mem::take(&mut t.raw_data);
+            let key = (t.data_type, t.dims.clone(), Sha256::digest(&raw).into());
+            let (at, len) = match stored.get(&key) {
+                Some(&place) => place,
+                None => {
+                    if writer.is_none() {
+                        let tmp = NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
+                        writer = Some(BufWriter::new(tmp));
+                    }
+                    let w = writer.as_mut().expect("created above");
+                    let pad = offset.next_multiple_of(EXTERNAL_DATA_ALIGNMENT) - offset;
+                    w.write_all(&vec![0u8; pad as usize])
+                        .and_then(|_| w.write_all(&raw))
+                        .map_err(io_err(store))?;
+                    let place = (offset + pad, raw.len());
+                    offset += pad + raw.len() as u64;
+                    stored.insert(key, place);
+                    stats.stored += 1;
+                    place
+                }
+            };
+            let entry = |key: &str, value: String| onnx::StringStringEntryProto {
+                key: key.to_string(),
+                value,
+            };
+            t.external_data = vec![
+                entry("location", store_name.clone()),
+                entry("offset", at.to_string()),
+                entry("length", len.to_string()),
+            ];
+            t.data_location = DataLocation::External as i32;
+            stats.references += 1;
+        }
+    }
+    if let Some(w) = writer {
+        let tmp = w.into_inner().map_err(|e| io_err(store)(e.into_error()))?;
+        tmp.as_file().sync_all().map_err(io_err(store))?;
+        crate::io::set_shareable(tmp.as_file()).map_err(io_err(store))?;
+        tmp.persist(store).map_err(|e| io_err(store)(e.error))?;
+        stats.bytes = offset;
+    }
+    for (path, model) in models {
+        save_model(model, &path, None)?;
+    }
+    Ok(stats)
+}
+
 /// Reads a model from `path`, pulling external tensor data back into
 /// `raw_data` (so the result is self-contained).
 pub fn load_model(path: &Path) -> Result<onnx::ModelProto, BuildError> {

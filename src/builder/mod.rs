@@ -8,7 +8,9 @@
 mod external;
 mod tensor;
 
-pub use external::{encode_model, load_model, save_model, EXTERNAL_DATA_ALIGNMENT};
+pub use external::{
+    encode_model, load_model, save_model, save_models, StoreStats, EXTERNAL_DATA_ALIGNMENT,
+};
 pub use tensor::TensorData;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -582,6 +584,18 @@ impl GraphBuilder {
         }
         self.add_initializer(&full, t);
         Ok(value)
+    }
+
+    /// The initializer named `name` exactly (no scope applied), if the graph has one.
+    pub fn initializer_value(&self, name: &str) -> Option<Value> {
+        let &i = self.initializer_index.get(name)?;
+        let t = &self.initializers[i];
+        let dtype = DType::from_onnx(t.data_type)?;
+        Some(Value {
+            name: name.to_string(),
+            dtype,
+            shape: Some(t.dims.iter().map(|&d| Dim::Fixed(d)).collect()),
+        })
     }
 
     fn add_initializer(&mut self, name: &str, t: TensorData) {

@@ -41,9 +41,14 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop when this token is generated (not printed); repeatable.
+    /// Stop when this token is generated (not printed); repeatable. Generation also stops at
+    /// the model's end-of-sequence ids (`eos_token_id` of generation_config.json, else
+    /// config.json) unless --ignore-eos.
     #[arg(long = "stop-token")]
     pub stop_tokens: Vec<u32>,
+    /// Do not stop at the model's end-of-sequence ids.
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// Runs `famc generate`.
@@ -70,6 +75,18 @@ pub fn run(
     if let Some(&bad) = args.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
         bail!("--stop-token {bad} is out of range (vocab_size {vocab})");
     }
+    let mut stop_tokens = args.stop_tokens.clone();
+    if !args.ignore_eos {
+        let dir = args.model.as_path();
+        let eos = famc::model::eos_token_ids(dir)?;
+        if let Some(&bad) = eos.iter().find(|&&t| t as usize >= vocab) {
+            bail!(
+                "{}: eos_token_id {bad} is outside the model's vocabulary of {vocab} (--ignore-eos to generate regardless)",
+                dir.display()
+            );
+        }
+        stop_tokens.extend(eos);
+    }
     let tokenizer = match &args.prompt {
         Some(_) => Some(TextTokenizer::from_dir(&args.model)?),
         None => None,
@@ -85,7 +102,7 @@ pub fn run(
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
-        stop_tokens: args.stop_tokens.clone(),
+        stop_tokens,
     };
     let mut decoder = FamDecoder::new(&model)?;
     let mut out = std::io::stdout().lock();

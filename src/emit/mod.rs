@@ -346,25 +346,59 @@ impl<'a> Emitter<'a> {
     /// Logits [B, Q, V] of the last layer's rows.
     fn head(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value> {
         let w = self.spec.weights;
+        let (vocab, d) = w.embed_tokens.dim();
+        let embed = match w.lm_head {
+            None => Some(self.embedding(b)?),
+            Some(_) => None,
+        };
         b.scoped("head", |b| -> Result<Value> {
             let norm = weight_vec(b, "norm.weight", &w.norm)?;
             let h = self.rms_norm(b, x, &norm);
-            self.linear(b, &h, "lm_head", w.output_weight(), None)
+            let Some(embed) = embed else {
+                return self.linear(b, &h, "lm_head", w.output_weight(), None);
+            };
+            // A tied head reads the embedding's own [V, d] initializer, so the matrix is stored
+            // and held once: Gemm's transB takes it as it is, where a MatMul would need a
+            // transposed copy (one more matrix in memory once a runtime folds the Transpose).
+            let e = to_f32(b, embed);
+            let rows = b.reshape(&h, &[-1, d as i64]);
+            let logits = b.op(
+                "Gemm",
+                &[&rows, &e],
+                vec![crate::builder::Attr::int("transB", 1)],
+                DType::F32,
+            );
+            let lead = b.op(
+                "Shape",
+                &[&h],
+                vec![
+                    crate::builder::Attr::int("start", 0),
+                    crate::builder::Attr::int("end", 2),
+                ],
+                DType::I64,
+            );
+            let v = b.vec_i64(&[vocab as i64]);
+            let shape = b.concat(&[&lead, &v], 0);
+            Ok(b.reshape_to(&logits, &shape))
         })
     }
 
-    fn embed(&self, b: &mut GraphBuilder, ids: &Value) -> Result<Value> {
+    /// The embedding matrix [V, d] as stored; one initializer per graph, which a tied head
+    /// shares.
+    fn embedding(&self, b: &mut GraphBuilder) -> Result<Value> {
+        const NAME: &str = "embed_tokens.weight";
+        if let Some(v) = b.initializer_value(NAME) {
+            return Ok(v);
+        }
         let w = self.spec.weights;
         let (v, d) = w.embed_tokens.dim();
         let data: Vec<f32> = w.embed_tokens.iter().copied().collect();
+        store_matrix(b, NAME, &data, [v as i64, d as i64], self.spec.weight_dtype)
+    }
+
+    fn embed(&self, b: &mut GraphBuilder, ids: &Value) -> Result<Value> {
+        let embed = self.embedding(b)?;
         // gather before the cast, so only the block's rows are converted
-        let embed = store_matrix(
-            b,
-            "embed_tokens.weight",
-            &data,
-            [v as i64, d as i64],
-            self.spec.weight_dtype,
-        )?;
         let rows = b.gather(&embed, ids, 0);
         Ok(to_f32(b, rows))
     }

@@ -9,15 +9,15 @@ pub use manifest::{
 
 use std::path::{Path, PathBuf};
 
-use crate::builder::save_model;
+use crate::builder::save_models;
 pub use crate::emit::WeightDtype;
 use crate::emit::{self, names, EmitSpec};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
 use crate::onnx::{self, DEFAULT_OPSET, IR_VERSION};
 
-/// Initializers larger than this go to `<graph>.onnx.data` by default: well under protobuf's
-/// 2 GiB message limit, whatever the model's size.
+/// Initializers larger than this go to the weight store [`WEIGHTS_FILE`] by default: well under
+/// protobuf's 2 GiB message limit, whatever the model's size.
 pub const DEFAULT_EXTERNAL_THRESHOLD: usize = 1 << 20;
 
 /// Block graph file name.
@@ -28,6 +28,8 @@ pub const INIT_FILE: &str = "init.onnx";
 pub const DECODE_FILE: &str = "decode.onnx";
 /// FAM keys/values graph file name.
 pub const FAM_KV_FILE: &str = "fam_kv.onnx";
+/// The weight store: the external data of every graph, each distinct tensor stored once.
+pub const WEIGHTS_FILE: &str = "weights.data";
 
 /// The checkpoint's files an export carries along when the checkpoint has them, so that text
 /// input and generation work from the export alone.
@@ -116,6 +118,14 @@ pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
 /// Emits the graphs and the manifest of `ck` with FAM parameters `fam`.
 pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
     fam.validate()?;
+    if let Some(rows) = ck.weights.fam_init.as_ref().map(|a| a.nrows()) {
+        if rows != fam.fam_len {
+            return Err(Error::Input(format!(
+                "fam_len = {}, but the checkpoint's learned FAM prompt `model.fam_init` has {rows} rows",
+                fam.fam_len
+            )));
+        }
+    }
     let c = &ck.config;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -315,14 +325,17 @@ fn write_locked(
 /// Writes every file of the export into the empty directory `dir`.
 fn write_contents(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
     let mut names = Vec::new();
-    for (file, g) in compiled.graphs() {
-        let path = dir.join(file);
-        save_model(g.clone(), &path, Some(opts.external_threshold))?;
-        names.push(file.to_string());
-        let data = format!("{file}.data");
-        if dir.join(&data).exists() {
-            names.push(data);
-        }
+    let graphs = compiled
+        .graphs()
+        .into_iter()
+        .map(|(file, g)| {
+            names.push(file.to_string());
+            (dir.join(file), g.clone())
+        })
+        .collect();
+    let stats = save_models(graphs, &dir.join(WEIGHTS_FILE), opts.external_threshold)?;
+    if stats.bytes > 0 {
+        names.push(WEIGHTS_FILE.to_string());
     }
     for file in CARRIED_FILES {
         let from = compiled.source_dir.join(file);

@@ -384,3 +384,34 @@ impl FamParams {
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("config.json")
 }
+
+/// The end-of-sequence token ids generation stops at, as transformers reads them:
+/// `eos_token_id` (an id or a list of ids) of `generation_config.json` in `dir`, else of
+/// `config.json`; empty when neither names one. An export carries `generation_config.json`.
+pub fn eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    for file in ["generation_config.json", "config.json"] {
+        let path = dir.join(file);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let bad = |message: String| Error::Config {
+            path: path.clone(),
+            message,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let id = |v: &serde_json::Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(format!("eos_token_id holds {v}, not a token id")))
+        };
+        match json.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::Array(ids)) => return ids.iter().map(id).collect(),
+            Some(v) => return Ok(vec![id(v)?]),
+        }
+    }
+    Ok(Vec::new())
+}

@@ -5,7 +5,8 @@ pub mod synthetic;
 mod weights;
 
 pub use config::{
-    config_path, Biases, FamDefaults, FamParams, ModelConfig, RawConfig, CONFIG_LIMITS, FAM_LIMITS,
+    config_path, eos_token_ids, Biases, FamDefaults, FamParams, ModelConfig, RawConfig,
+    CONFIG_LIMITS, FAM_LIMITS,
 };
 pub use weights::{TensorStore, WeightLoader};
 

@@ -20,6 +20,7 @@ use crate::{Error, Result};
 
 pub mod ep;
 pub mod ort;
+mod ort_weights;
 pub mod tract;
 
 pub use ep::{EpConfig, EpKind};

@@ -614,6 +614,9 @@ pub struct OrtRunner {
     backend_memory: MemoryInfo<'static>,
     /// Where host outputs are allocated (CPU memory the caller reads).
     host_memory: MemoryInfo<'static>,
+    /// The weight store the session's shared initializers point into; declared after the
+    /// session so that it is dropped after it.
+    _weights: Option<std::sync::Arc<super::ort_weights::SharedWeights>>,
 }
 
 impl fmt::Debug for OrtRunner {
@@ -785,6 +788,14 @@ impl OrtRunner {
             Error::Backend { message, .. } => backend_error(KIND, path, message),
             other => other,
         })?;
+        // Device sessions copy their weights to the device anyway; sharing is for host memory.
+        let weights = match plan.kind {
+            EpKind::Cpu => super::ort_weights::bind(path).map_err(|m| err("weights", &m))?,
+            _ => None,
+        };
+        if let Some(w) = &weights {
+            builder = w.apply(builder).map_err(|m| err("weights", &m))?;
+        }
         let session = builder.commit_from_file(path).map_err(|e| {
             err(
                 &format!(
@@ -799,6 +810,9 @@ impl OrtRunner {
                 &e,
             )
         })?;
+        if let Some(w) = &weights {
+            w.store.release_pages();
+        }
         let input_specs: Vec<IoSpec> = session
             .inputs()
             .iter()
@@ -829,6 +843,7 @@ impl OrtRunner {
         Ok(OrtRunner {
             path: path.to_path_buf(),
             session,
+            _weights: weights.map(|w| w.store),
             input_names,
             output_names,
             input_specs,
