@@ -199,12 +199,20 @@ impl FamModel {
         backend: BackendKind,
         opts: &RunOptions,
     ) -> Result<Self> {
+        let (export, temp) = Self::export_to_temp(ck, fam)?;
+        Self::from_export(export, backend, opts, Some(temp))
+    }
+
+    /// Exports `ck` into a temporary directory that is removed with the model (or on a signal).
+    fn export_to_temp(
+        ck: &Checkpoint,
+        fam: FamParams,
+    ) -> Result<(ExportDir, (tempfile::TempDir, crate::signal::TempGuard))> {
         let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let guard = crate::signal::register(tmp.path());
         let dir = tmp.path().join("export");
         export::export(ck, fam, &dir, &export::ExportOptions::default())?;
-        let export = ExportDir::open(&dir)?;
-        Self::from_export(export, backend, opts, Some((tmp, guard)))
+        Ok((ExportDir::open(&dir)?, (tmp, guard)))
     }
 
     /// Opens `path` as an export directory when it has a `famc.json`, else compiles it as a
@@ -236,7 +244,10 @@ impl FamModel {
         } else {
             let ck = Checkpoint::load(path)?;
             let fam = ck.fam_params(flags)?;
-            FamModel::compile(&ck, fam, backend, opts)
+            let (export, temp) = Self::export_to_temp(&ck, fam)?;
+            // the runtime loads the weights from the export: the checkpoint's copy can go
+            drop(ck);
+            Self::from_export(export, backend, opts, Some(temp))
         }
     }
 

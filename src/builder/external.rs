@@ -134,35 +134,54 @@ pub struct StoreStats {
     pub bytes: u64,
 }
 
-/// Writes `models` (each to its path, all in one directory) with every top-level initializer
-/// of more than `threshold` bytes moved into the one weight store `store` beside them (ONNX
-/// external data, offsets aligned to [`EXTERNAL_DATA_ALIGNMENT`]): a tensor whose element type,
-/// dims and bytes equal one already stored points at the same bytes, so weights that several
-/// graphs share are stored once. Files are written as [`save_model`] writes them, the store
-/// first. No store file is written when no tensor goes into it.
-pub fn save_models(
-    mut models: Vec<(PathBuf, onnx::ModelProto)>,
-    store: &Path,
-    threshold: usize,
-) -> Result<StoreStats, BuildError> {
-    use sha2::{Digest, Sha256};
-    let store_name = store
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| BuildError::InvalidPath(store.to_path_buf()))?
-        .to_string();
-    let dir = match store.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut stats = StoreStats::default();
-    let mut writer: Option<BufWriter<NamedTempFile>> = None;
-    let mut stored: std::collections::HashMap<(i32, Vec<i64>, [u8; 32]), (u64, usize)> =
-        Default::default();
-    let mut offset: u64 = 0;
-    for (_, model) in &mut models {
+/// A weight store being written: initializers move into it model by model, and a tensor whose
+/// element type, dims and bytes equal one already stored points at the same bytes, so weights
+/// that several graphs share are stored once. Offsets are aligned to
+/// [`EXTERNAL_DATA_ALIGNMENT`]. The file is written to a temporary beside `store` and takes its
+/// place in [`StoreWriter::finish`]; no file is written when no tensor went into it.
+pub struct StoreWriter {
+    store: PathBuf,
+    name: String,
+    dir: PathBuf,
+    writer: Option<BufWriter<NamedTempFile>>,
+    stored: std::collections::HashMap<(i32, Vec<i64>, [u8; 32]), (u64, usize)>,
+    offset: u64,
+    stats: StoreStats,
+}
+
+impl StoreWriter {
+    /// A writer for the store file `store` (not created until a tensor goes into it).
+    pub fn new(store: &Path) -> Result<Self, BuildError> {
+        let name = store
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| BuildError::InvalidPath(store.to_path_buf()))?
+            .to_string();
+        let dir = match store.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(StoreWriter {
+            store: store.to_path_buf(),
+            name,
+            dir,
+            writer: None,
+            stored: Default::default(),
+            offset: 0,
+            stats: StoreStats::default(),
+        })
+    }
+
+    /// Moves every top-level initializer of `model` with more than `threshold` bytes into the
+    /// store, leaving an external-data reference in its place.
+    pub fn externalize(
+        &mut self,
+        model: &mut onnx::ModelProto,
+        threshold: usize,
+    ) -> Result<(), BuildError> {
+        use sha2::{Digest, Sha256};
         let Some(graph) = model.graph.as_mut() else {
-            continue;
+            return Ok(());
         };
         for t in graph
             .initializer
@@ -171,22 +190,22 @@ pub fn save_models(
         {
             let raw = std::mem::take(&mut t.raw_data);
             let key = (t.data_type, t.dims.clone(), Sha256::digest(&raw).into());
-            let (at, len) = match stored.get(&key) {
+            let (at, len) = match self.stored.get(&key) {
                 Some(&place) => place,
                 None => {
-                    if writer.is_none() {
-                        let tmp = NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
-                        writer = Some(BufWriter::new(tmp));
+                    if self.writer.is_none() {
+                        let tmp = NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
+                        self.writer = Some(BufWriter::new(tmp));
                     }
-                    let w = writer.as_mut().expect("created above");
-                    let pad = offset.next_multiple_of(EXTERNAL_DATA_ALIGNMENT) - offset;
+                    let w = self.writer.as_mut().expect("created above");
+                    let pad = self.offset.next_multiple_of(EXTERNAL_DATA_ALIGNMENT) - self.offset;
                     w.write_all(&vec![0u8; pad as usize])
                         .and_then(|_| w.write_all(&raw))
-                        .map_err(io_err(store))?;
-                    let place = (offset + pad, raw.len());
-                    offset += pad + raw.len() as u64;
-                    stored.insert(key, place);
-                    stats.stored += 1;
+                        .map_err(io_err(&self.store))?;
+                    let place = (self.offset + pad, raw.len());
+                    self.offset += pad + raw.len() as u64;
+                    self.stored.insert(key, place);
+                    self.stats.stored += 1;
                     place
                 }
             };
@@ -195,21 +214,44 @@ pub fn save_models(
                 value,
             };
             t.external_data = vec![
-                entry("location", store_name.clone()),
+                entry("location", self.name.clone()),
                 entry("offset", at.to_string()),
                 entry("length", len.to_string()),
             ];
             t.data_location = DataLocation::External as i32;
-            stats.references += 1;
+            self.stats.references += 1;
         }
+        Ok(())
     }
-    if let Some(w) = writer {
-        let tmp = w.into_inner().map_err(|e| io_err(store)(e.into_error()))?;
-        tmp.as_file().sync_all().map_err(io_err(store))?;
-        crate::io::set_shareable(tmp.as_file()).map_err(io_err(store))?;
-        tmp.persist(store).map_err(|e| io_err(store)(e.error))?;
-        stats.bytes = offset;
+
+    /// Syncs the store and moves it into place.
+    pub fn finish(self) -> Result<StoreStats, BuildError> {
+        let mut stats = self.stats;
+        if let Some(w) = self.writer {
+            let store = &self.store;
+            let tmp = w.into_inner().map_err(|e| io_err(store)(e.into_error()))?;
+            tmp.as_file().sync_all().map_err(io_err(store))?;
+            crate::io::set_shareable(tmp.as_file()).map_err(io_err(store))?;
+            tmp.persist(store).map_err(|e| io_err(store)(e.error))?;
+            stats.bytes = self.offset;
+        }
+        Ok(stats)
     }
+}
+
+/// Writes `models` (each to its path, all in one directory) with every top-level initializer
+/// of more than `threshold` bytes moved into the one weight store `store` beside them (see
+/// [`StoreWriter`]). Files are written as [`save_model`] writes them, the store first.
+pub fn save_models(
+    mut models: Vec<(PathBuf, onnx::ModelProto)>,
+    store: &Path,
+    threshold: usize,
+) -> Result<StoreStats, BuildError> {
+    let mut w = StoreWriter::new(store)?;
+    for (_, model) in &mut models {
+        w.externalize(model, threshold)?;
+    }
+    let stats = w.finish()?;
     for (path, model) in models {
         save_model(model, &path, None)?;
     }

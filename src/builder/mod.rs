@@ -9,7 +9,8 @@ mod external;
 mod tensor;
 
 pub use external::{
-    encode_model, load_model, save_model, save_models, StoreStats, EXTERNAL_DATA_ALIGNMENT,
+    encode_model, load_model, save_model, save_models, StoreStats, StoreWriter,
+    EXTERNAL_DATA_ALIGNMENT,
 };
 pub use tensor::TensorData;
 

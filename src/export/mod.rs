@@ -9,16 +9,19 @@ pub use manifest::{
 
 use std::path::{Path, PathBuf};
 
-use crate::builder::save_models;
+use std::collections::BTreeMap;
+
+use crate::builder::{save_model, StoreWriter};
 pub use crate::emit::WeightDtype;
 use crate::emit::{self, names, EmitSpec};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
 use crate::onnx::{self, DEFAULT_OPSET, IR_VERSION};
 
-/// Initializers larger than this go to the weight store [`WEIGHTS_FILE`] by default: well under
-/// protobuf's 2 GiB message limit, whatever the model's size.
-pub const DEFAULT_EXTERNAL_THRESHOLD: usize = 1 << 20;
+/// Initializers larger than this go to the weight store [`WEIGHTS_FILE`] by default: every
+/// matrix (so the graphs share them and stay well under protobuf's 2 GiB limit), while vectors
+/// such as norm weights stay in the graph (each stored tensor is page-aligned).
+pub const DEFAULT_EXTERNAL_THRESHOLD: usize = 64 << 10;
 
 /// Block graph file name.
 pub const BLOCK_FILE: &str = "block.onnx";
@@ -115,8 +118,22 @@ pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
     out
 }
 
-/// Emits the graphs and the manifest of `ck` with FAM parameters `fam`.
-pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
+/// The graphs an export of `fam` holds, with their file names, in a fixed order.
+fn graph_kinds(fam: FamParams) -> Vec<(&'static str, fn(&EmitSpec) -> Result<onnx::ModelProto>)> {
+    let mut v: Vec<(&'static str, fn(&EmitSpec) -> Result<onnx::ModelProto>)> =
+        vec![(BLOCK_FILE, emit::block_graph)];
+    if fam.fam_len > 0 {
+        v.push((INIT_FILE, emit::init_graph));
+    }
+    v.push((DECODE_FILE, emit::decode_graph));
+    if fam.fam_len > 0 {
+        v.push((FAM_KV_FILE, emit::fam_kv_graph));
+    }
+    v
+}
+
+/// The manifest of `ck` exported with `fam` and `dtype` (no files recorded yet).
+fn manifest_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Manifest> {
     fam.validate()?;
     if let Some(rows) = ck.weights.fam_init.as_ref().map(|a| a.nrows()) {
         if rows != fam.fam_len {
@@ -127,7 +144,7 @@ pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Co
         }
     }
     let c = &ck.config;
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         famc_version: env!("CARGO_PKG_VERSION").to_string(),
         fam,
@@ -154,43 +171,36 @@ pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Co
         },
         state: state_tensors(ck, fam),
         files: Default::default(),
-    };
-    let spec = EmitSpec {
-        config: c,
+    })
+}
+
+fn spec_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> EmitSpec<'_> {
+    EmitSpec {
+        config: &ck.config,
         weights: &ck.weights,
         fam,
         weight_dtype: dtype,
-    };
-    let mut block = emit::block_graph(&spec)?;
-    let mut init = if fam.fam_len > 0 {
-        Some(emit::init_graph(&spec)?)
-    } else {
-        None
-    };
-    let mut decode = emit::decode_graph(&spec)?;
-    let mut fam_kv = if fam.fam_len > 0 {
-        Some(emit::fam_kv_graph(&spec)?)
-    } else {
-        None
-    };
-    for g in [
-        Some(&mut block),
-        init.as_mut(),
-        Some(&mut decode),
-        fam_kv.as_mut(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        stamp(g, &manifest);
+    }
+}
+
+/// Emits the graphs and the manifest of `ck` with FAM parameters `fam`, all held in memory
+/// ([`export`] emits and writes them one at a time instead).
+pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
+    let manifest = manifest_for(ck, fam, dtype)?;
+    let spec = spec_for(ck, fam, dtype);
+    let mut graphs = BTreeMap::new();
+    for (file, emit) in graph_kinds(fam) {
+        let mut g = emit(&spec)?;
+        stamp(&mut g, &manifest);
+        graphs.insert(file, g);
     }
     Ok(Compiled {
         manifest,
         source_dir: ck.dir.clone(),
-        block,
-        init,
-        decode,
-        fam_kv,
+        block: graphs.remove(BLOCK_FILE).expect("always emitted"),
+        init: graphs.remove(INIT_FILE),
+        decode: graphs.remove(DECODE_FILE).expect("always emitted"),
+        fam_kv: graphs.remove(FAM_KV_FILE),
     })
 }
 
@@ -222,6 +232,12 @@ fn stamp(model: &mut onnx::ModelProto, m: &Manifest) {
 /// makes a second export into the same directory an error while the first runs. `dir` may be missing, empty,
 /// or an earlier export; anything else is refused untouched. Returns the manifest written.
 pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
+    write_with(dir, |tmp| write_contents(compiled, tmp, opts))
+}
+
+/// [`write`]'s locking, temporary directory and swap around `contents`, which fills the empty
+/// directory it is given and returns the manifest it wrote there.
+fn write_with(dir: &Path, contents: impl FnOnce(&Path) -> Result<Manifest>) -> Result<Manifest> {
     let err = |message: String| Error::Export {
         dir: dir.to_path_buf(),
         message,
@@ -270,18 +286,17 @@ pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Ma
         }
     }
     let _lock_guard = crate::signal::register(&lock_path);
-    let result = write_locked(compiled, dir, &parent, name, opts);
+    let result = write_locked(dir, &parent, name, contents);
     let _ = std::fs::remove_file(&lock_path);
     drop(lock);
     result
 }
 
 fn write_locked(
-    compiled: &Compiled,
     dir: &Path,
     parent: &Path,
     name: &str,
-    opts: &ExportOptions,
+    contents: impl FnOnce(&Path) -> Result<Manifest>,
 ) -> Result<Manifest> {
     let err = |message: String| Error::Export {
         dir: dir.to_path_buf(),
@@ -308,7 +323,7 @@ fn write_locked(
             message: format!("cannot create a temporary directory: {e}"),
         })?;
     let _guard = crate::signal::register(tmp.path());
-    let manifest = write_contents(compiled, tmp.path(), opts)?;
+    let manifest = contents(tmp.path())?;
     crate::io::sync_dir(tmp.path());
     replace_dir(tmp.path(), dir).map_err(|e| {
         err(format!(
@@ -324,27 +339,60 @@ fn write_locked(
 
 /// Writes every file of the export into the empty directory `dir`.
 fn write_contents(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
+    let mut store = StoreWriter::new(&dir.join(WEIGHTS_FILE))?;
     let mut names = Vec::new();
-    let graphs = compiled
-        .graphs()
-        .into_iter()
-        .map(|(file, g)| {
-            names.push(file.to_string());
-            (dir.join(file), g.clone())
-        })
-        .collect();
-    let stats = save_models(graphs, &dir.join(WEIGHTS_FILE), opts.external_threshold)?;
-    if stats.bytes > 0 {
+    for (file, g) in compiled.graphs() {
+        let mut g = g.clone();
+        store.externalize(&mut g, opts.external_threshold)?;
+        save_model(g, &dir.join(file), None)?;
+        names.push(file.to_string());
+    }
+    finish_contents(&compiled.manifest, &compiled.source_dir, dir, store, names)
+}
+
+/// Emits the graphs of `ck` one at a time into the empty directory `dir`, each graph's weights
+/// moved into the store before the next is emitted, so that no more than one graph's weights
+/// are held besides the checkpoint's.
+fn emit_contents(
+    ck: &Checkpoint,
+    fam: FamParams,
+    dir: &Path,
+    opts: &ExportOptions,
+) -> Result<Manifest> {
+    let manifest = manifest_for(ck, fam, opts.dtype)?;
+    let spec = spec_for(ck, fam, opts.dtype);
+    let mut store = StoreWriter::new(&dir.join(WEIGHTS_FILE))?;
+    let mut names = Vec::new();
+    for (file, emit) in graph_kinds(fam) {
+        let mut g = emit(&spec)?;
+        stamp(&mut g, &manifest);
+        store.externalize(&mut g, opts.external_threshold)?;
+        save_model(g, &dir.join(file), None)?;
+        names.push(file.to_string());
+    }
+    finish_contents(&manifest, &ck.dir, dir, store, names)
+}
+
+/// Completes an export directory whose graphs are written: the store, the carried checkpoint
+/// files, then famc.json with every file's size and hash.
+fn finish_contents(
+    manifest: &Manifest,
+    source_dir: &Path,
+    dir: &Path,
+    store: StoreWriter,
+    mut names: Vec<String>,
+) -> Result<Manifest> {
+    if store.finish()?.bytes > 0 {
         names.push(WEIGHTS_FILE.to_string());
     }
     for file in CARRIED_FILES {
-        let from = compiled.source_dir.join(file);
+        let from = source_dir.join(file);
         if from.is_file() {
             std::fs::copy(&from, dir.join(file)).map_err(|e| Error::io(&from, e))?;
             names.push(file.to_string());
         }
     }
-    let mut manifest = compiled.manifest.clone();
+    let mut manifest = manifest.clone();
     for file in names {
         let entry = file_entry(&dir.join(&file))?;
         manifest.files.insert(file, entry);
@@ -438,8 +486,8 @@ pub fn export(
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    let compiled = compile(ck, fam, opts.dtype)?;
-    write(&compiled, dir, opts)
+    manifest_for(ck, fam, opts.dtype)?;
+    write_with(dir, |tmp| emit_contents(ck, fam, tmp, opts))
 }
 
 /// An export directory checked against its manifest: the graphs exist, parse, and declare the
