@@ -518,8 +518,18 @@ impl FamModel {
                 )));
             }
         }
+        // A lone stream's short block runs as a full one padded with id 0 on tract, whose plan
+        // for full single-stream blocks then serves every block (a second, symbolic plan would
+        // pack the weights again). Exact: a row's logits depend only on the rows before it, and
+        // a short block's next state is never kept.
+        let t_run = if batch == 1 && t < l_len && self.backend == BackendKind::Tract {
+            ids.resize(l_len, 0);
+            l_len
+        } else {
+            t
+        };
         let ids = Value::host(Tensor::I64(
-            ArrayD::from_shape_vec(IxDyn(&[batch, t]), ids).expect("sized"),
+            ArrayD::from_shape_vec(IxDyn(&[batch, t_run]), ids).expect("sized"),
         ));
         let tau = Value::host(Tensor::I64(
             ArrayD::from_shape_vec(
@@ -546,15 +556,18 @@ impl FamModel {
             runner.run_values(&inputs, outputs)?
         };
         let mut outputs = outputs.into_iter();
-        let logits = outputs
+        let mut logits = outputs
             .next()
             .ok_or_else(|| self.backend_error("no logits output"))?
             .into_host_f32()?;
-        if logits.shape() != [batch, t, vocab] {
+        if logits.shape() != [batch, t_run, vocab] {
             return Err(self.backend_error(&format!(
-                "logits have shape {:?}, expected [{batch}, {t}, {vocab}]",
+                "logits have shape {:?}, expected [{batch}, {t_run}, {vocab}]",
                 logits.shape()
             )));
+        }
+        if t_run > t {
+            logits = logits.slice_axis(Axis(1), (0..t).into()).to_owned();
         }
         if let Some(flat) = logits.iter().position(|v| !v.is_finite()) {
             let (s, i) = (flat / (t * vocab), flat / vocab % t);

@@ -134,6 +134,8 @@ pub struct StoreStats {
     pub bytes: u64,
 }
 
+type StoredKey = (i32, Vec<i64>, [u8; 32]);
+
 /// A weight store being written: initializers move into it model by model, and a tensor whose
 /// element type, dims and bytes equal one already stored points at the same bytes, so weights
 /// that several graphs share are stored once. Offsets are aligned to
@@ -144,7 +146,8 @@ pub struct StoreWriter {
     name: String,
     dir: PathBuf,
     writer: Option<BufWriter<NamedTempFile>>,
-    stored: std::collections::HashMap<(i32, Vec<i64>, [u8; 32]), (u64, usize)>,
+    /// (element type, dims, SHA-256 of the bytes) -> (offset, length) in the store.
+    stored: std::collections::HashMap<StoredKey, (u64, usize)>,
     offset: u64,
     stats: StoreStats,
 }

@@ -118,10 +118,12 @@ pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
     out
 }
 
+/// One graph's emitter.
+type EmitFn = fn(&EmitSpec) -> Result<onnx::ModelProto>;
+
 /// The graphs an export of `fam` holds, with their file names, in a fixed order.
-fn graph_kinds(fam: FamParams) -> Vec<(&'static str, fn(&EmitSpec) -> Result<onnx::ModelProto>)> {
-    let mut v: Vec<(&'static str, fn(&EmitSpec) -> Result<onnx::ModelProto>)> =
-        vec![(BLOCK_FILE, emit::block_graph)];
+fn graph_kinds(fam: FamParams) -> Vec<(&'static str, EmitFn)> {
+    let mut v: Vec<(&'static str, EmitFn)> = vec![(BLOCK_FILE, emit::block_graph)];
     if fam.fam_len > 0 {
         v.push((INIT_FILE, emit::init_graph));
     }

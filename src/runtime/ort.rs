@@ -796,7 +796,12 @@ impl OrtRunner {
         if let Some(w) = &weights {
             builder = w.apply(builder).map_err(|m| err("weights", &m))?;
         }
-        let session = builder.commit_from_file(path).map_err(|e| {
+        // While the session packs its weights it reads the whole store; handing the pages back
+        // as it goes keeps them from adding a second copy to the peak.
+        let releasing = weights.as_ref().map(|w| w.store.release_while_loading());
+        let session = builder.commit_from_file(path);
+        drop(releasing);
+        let session = session.map_err(|e| {
             err(
                 &format!(
                     "ONNX Runtime {} cannot load the graph{}",

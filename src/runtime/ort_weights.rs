@@ -5,8 +5,10 @@
 //! times. Here the weight store is memory-mapped once per process, each tensor in it becomes one
 //! ONNX Runtime value over the mapping that every session takes as a shared initializer
 //! (`AddInitializer`), and the sessions share one prepacked-weights container, so each matrix
-//! is also packed once. Once a session is built, the mapping's pages are handed back to the
-//! page cache: what the sessions still read of it (embedding rows) faults back in on demand.
+//! is also packed once. While a session is built and once it is, the mapping's pages are handed
+//! back to the page cache (the packed copies are what the session computes with; what it still
+//! reads of the mapping, embedding rows, faults back in on demand), so the weights are resident
+//! about once, not as the mapping plus the packed copy.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -239,6 +241,39 @@ impl SharedWeights {
             self.map
                 .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
         };
+    }
+}
+
+/// Hands a store's pages back every few milliseconds until dropped.
+pub(crate) struct Releaser {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Releaser {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SharedWeights {
+    /// A [`Releaser`] for this store, for the time a session is being built.
+    pub(crate) fn release_while_loading(self: &Arc<Self>) -> Releaser {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (store, flag) = (self.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("famc-weights".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    store.release_pages();
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })
+            .ok();
+        Releaser { stop, thread }
     }
 }
 

@@ -7,7 +7,9 @@
 //!
 //! [`RunOptions::fixed_dims`] asks for a second plan, optimised with some symbols concretised. A
 //! run whose input shapes give those symbols exactly those values goes to the specialised plan;
-//! any other run (the tail block, another batch size) goes to the symbolic plan. For the FAM
+//! any other run (another batch size, a tail block the caller did not pad) goes to the symbolic
+//! plan, which is then built on first use (each plan packs its own copy of the weights, so a
+//! runner used only on the fixed shapes holds them once). For the FAM
 //! block graph, full blocks are the common case, but `T = L` alone gains nothing with tract 0.23
 //! (it splits the matrix products at the FAM/token concatenation instead); `batch = 1, T = L`
 //! (one stream) runs a full block in about two thirds of the time (`tests/tract_bench.rs`).
@@ -56,7 +58,9 @@ struct FixedPlan {
 /// A graph loaded by tract.
 pub struct TractRunner {
     path: PathBuf,
-    plan: Arc<TypedSimplePlan>,
+    /// The symbolic plan; with a fixed plan, built (from the file again) on the first run that
+    /// needs it, so that a model run only on fixed shapes holds its weights once, not twice.
+    plan: Option<Arc<TypedSimplePlan>>,
     /// Reused from run to run; dropped after a failed run (it may hold half-bound symbols).
     state: Option<TypedSimpleState>,
     fixed: Option<FixedPlan>,
@@ -118,12 +122,7 @@ impl TractRunner {
                 "fixed dimension `{name}` = 0: a fixed size must be at least 1"
             )));
         }
-        let model = match widened_bf16(path)? {
-            // tract has no bfloat16: such graphs are loaded with those weights widened to f32
-            Some(bytes) => tract_onnx::onnx().model_for_read(&mut bytes.as_slice()),
-            None => tract_onnx::onnx().model_for_path(path),
-        }
-        .map_err(|e| err("cannot load the ONNX graph", e))?;
+        let model = load_inference(path)?;
 
         let input_outlets = model
             .input_outlets()
@@ -225,10 +224,10 @@ impl TractRunner {
                 dims: fixed_dims,
             })
         };
-        let plan = decluttered
-            .into_optimized()
-            .and_then(|m| m.into_runnable_with_options(&plan_opts))
-            .map_err(|e| err("cannot optimise and plan the graph", e))?;
+        let plan = match fixed {
+            Some(_) => None,
+            None => Some(symbolic_plan(path, decluttered, threads)?),
+        };
         Ok(TractRunner {
             path: path.to_path_buf(),
             plan,
@@ -266,9 +265,14 @@ impl TractRunner {
         inputs: TVec<TValue>,
         places: Vec<OutputTo>,
     ) -> Result<Vec<Value>> {
-        let (plan, state) = match (kind, &mut self.fixed) {
-            (PlanKind::Fixed, Some(f)) => (&f.plan, &mut f.state),
-            _ => (&self.plan, &mut self.state),
+        if kind == PlanKind::Symbolic && self.plan.is_none() {
+            let model = load_decluttered(&self.path)?;
+            self.plan = Some(symbolic_plan(&self.path, model, self.threads)?);
+        }
+        let (plan, state) = match (kind, &mut self.fixed, &self.plan) {
+            (PlanKind::Fixed, Some(f), _) => (&f.plan, &mut f.state),
+            (_, _, Some(plan)) => (plan, &mut self.state),
+            _ => unreachable!("the symbolic plan was built above"),
         };
         let state = match state {
             Some(s) => s,
@@ -363,6 +367,42 @@ impl GraphRunner for TractRunner {
         }
         result
     }
+}
+
+/// The ONNX graph at `path` as tract reads it.
+fn load_inference(path: &Path) -> Result<tract_onnx::prelude::InferenceModel> {
+    match widened_bf16(path)? {
+        // tract has no bfloat16: such graphs are loaded with those weights widened to f32
+        Some(bytes) => tract_onnx::onnx().model_for_read(&mut bytes.as_slice()),
+        None => tract_onnx::onnx().model_for_path(path),
+    }
+    .map_err(|e| backend_error(KIND, path, format!("cannot load the ONNX graph: {e:#}")))
+}
+
+/// The graph at `path`, typed and decluttered.
+fn load_decluttered(path: &Path) -> Result<TypedModel> {
+    load_inference(path)?
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .map_err(|e| backend_error(KIND, path, format!("cannot type the graph: {e:#}")))
+}
+
+/// `model` optimised with its symbols left symbolic, planned to run on `threads` threads.
+fn symbolic_plan(path: &Path, model: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
+    let plan_opts = TractRunOptions {
+        executor: executor(threads)?,
+        ..Default::default()
+    };
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable_with_options(&plan_opts))
+        .map_err(|e| {
+            backend_error(
+                KIND,
+                path,
+                format!("cannot optimise and plan the graph: {e:#}"),
+            )
+        })
 }
 
 fn elem_type(dt: DatumType) -> ElemType {
