@@ -59,9 +59,16 @@ struct ExportArgs {
     /// Initializers larger than this many bytes go to the weight store `weights.data`.
     #[arg(long, default_value_t = famc::export::DEFAULT_EXTERNAL_THRESHOLD)]
     external_threshold: usize,
-    /// Element type of the stored weight matrices: f32, f16 or bf16 (computation stays f32).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    /// Element type of the stored weight matrices: f32, f16 or bf16 (computation stays f32),
+    /// or q8 / q4: blockwise int8 / int4 matrices (ONNX Runtime's MatMulNBits, block 32) with
+    /// an int8 embedding; ONNX Runtime only.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
     dtype: String,
+    /// q8/q4: the precision ONNX Runtime computes the quantized products in (MatMulNBits'
+    /// accuracy_level): 4 for its int8 kernels (faster), 1 for f32 against the dequantized
+    /// weights.
+    #[arg(long, default_value_t = famc::export::DEFAULT_ACCURACY_LEVEL)]
+    accuracy_level: i64,
 }
 
 #[derive(Args)]
@@ -365,6 +372,7 @@ fn export(args: ExportArgs) -> Result<()> {
     let opts = famc::export::ExportOptions {
         external_threshold: args.external_threshold,
         dtype: args.dtype.parse()?,
+        accuracy_level: args.accuracy_level,
     };
     let m = famc::export::export(&ck, fam, &args.out, &opts)?;
     eprintln!(

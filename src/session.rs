@@ -258,6 +258,15 @@ impl FamModel {
         tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
     ) -> Result<Self> {
         let manifest = export.manifest.clone();
+        if backend == BackendKind::Tract && matches!(manifest.dtype.as_str(), "q8" | "q4") {
+            return Err(Error::Export {
+                dir: export.dir.clone(),
+                message: format!(
+                    "its weights are {} (com.microsoft.MatMulNBits), which famc runs on ONNX Runtime only: use --backend ort, or export with --dtype f32|f16|bf16 for tract",
+                    manifest.dtype
+                ),
+            });
+        }
         // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
         let block_opts = opts
             .clone()

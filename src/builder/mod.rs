@@ -38,6 +38,8 @@ pub enum DType {
     I32,
     /// `bool` (one byte per element).
     Bool,
+    /// `uint8` (packed quantized weights).
+    U8,
 }
 
 impl DType {
@@ -50,6 +52,7 @@ impl DType {
             DType::I64 => DataType::Int64,
             DType::I32 => DataType::Int32,
             DType::Bool => DataType::Bool,
+            DType::U8 => DataType::Uint8,
         }
     }
 
@@ -62,6 +65,7 @@ impl DType {
             DataType::Int64 => Some(DType::I64),
             DataType::Int32 => Some(DType::I32),
             DataType::Bool => Some(DType::Bool),
+            DataType::Uint8 => Some(DType::U8),
             _ => None,
         }
     }
@@ -72,7 +76,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
-            DType::Bool => 1,
+            DType::Bool | DType::U8 => 1,
         }
     }
 
@@ -265,6 +269,13 @@ pub enum BuildError {
         path: PathBuf,
         source: prost::DecodeError,
     },
+    /// Two nodes of one graph ask for different versions of one operator set.
+    #[error("operator set {domain}: version {want} asked for, the graph already imports {have}")]
+    DomainVersion {
+        domain: String,
+        have: i64,
+        want: i64,
+    },
     /// An external data file is shorter than a tensor's reference into it.
     #[error("{}: tensor {tensor:?} needs bytes {offset}..{end} but the file has only {file_len} bytes (truncated?)", .file.display())]
     ExternalDataTruncated {
@@ -341,6 +352,8 @@ fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> onnx::ValueInf
 pub struct GraphBuilder {
     graph_name: String,
     opset: i64,
+    /// Operator sets of other domains the graph's nodes use, with their versions.
+    domains: BTreeMap<String, i64>,
     doc_string: Option<String>,
     metadata: BTreeMap<String, String>,
     scopes: Vec<String>,
@@ -369,6 +382,7 @@ impl GraphBuilder {
         GraphBuilder {
             graph_name: graph_name.to_string(),
             opset,
+            domains: BTreeMap::new(),
             doc_string: None,
             metadata: BTreeMap::new(),
             scopes: Vec::new(),
@@ -689,6 +703,32 @@ impl GraphBuilder {
         let inputs: Vec<Option<&Value>> = inputs.iter().map(|v| Some(*v)).collect();
         self.node(op_type, Some(name), &inputs, attrs, &[out_dtype])
             .remove(0)
+    }
+
+    /// A node of operator set `domain` (version `version`, imported by the model), otherwise
+    /// as [`Self::op_opt`]; e.g. ONNX Runtime's `com.microsoft` contrib operators.
+    pub fn op_in_domain(
+        &mut self,
+        domain: &str,
+        version: i64,
+        op_type: &str,
+        inputs: &[Option<&Value>],
+        attrs: Vec<Attr>,
+        out_dtype: DType,
+    ) -> Value {
+        let have = *self.domains.entry(domain.to_string()).or_insert(version);
+        if have != version {
+            self.errors.push(BuildError::DomainVersion {
+                domain: domain.to_string(),
+                have,
+                want: version,
+            });
+        }
+        let out = self.op_opt(op_type, inputs, attrs, out_dtype);
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = domain.to_string();
+        }
+        out
     }
 
     /// Like [`Self::op`] with optional inputs: `None` becomes an empty input name.
@@ -1056,10 +1096,19 @@ impl GraphBuilder {
         }
         Ok(onnx::ModelProto {
             ir_version: onnx::IR_VERSION,
-            opset_import: vec![onnx::OperatorSetIdProto {
+            opset_import: std::iter::once(onnx::OperatorSetIdProto {
                 domain: String::new(),
                 version: self.opset,
-            }],
+            })
+            .chain(
+                self.domains
+                    .iter()
+                    .map(|(domain, &version)| onnx::OperatorSetIdProto {
+                        domain: domain.clone(),
+                        version,
+                    }),
+            )
+            .collect(),
             producer_name: "famc".to_string(),
             producer_version: env!("CARGO_PKG_VERSION").to_string(),
             doc_string: self.doc_string.unwrap_or_default(),

@@ -91,6 +91,11 @@ impl TensorData {
         )
     }
 
+    /// `uint8` tensor. Panics if `values.len()` does not match `dims`.
+    pub fn from_u8(values: &[u8], dims: &[i64]) -> Self {
+        Self::from_le(DType::U8, dims, values.iter().copied())
+    }
+
     /// `bool` tensor. Panics if `values.len()` does not match `dims`.
     pub fn from_bool(values: &[bool], dims: &[i64]) -> Self {
         Self::from_le(DType::Bool, dims, values.iter().map(|&v| u8::from(v)))
@@ -106,6 +111,7 @@ impl TensorData {
             DType::I64 => Self::from_i64(&[x as i64], &[]),
             DType::I32 => Self::from_i32(&[x as i32], &[]),
             DType::Bool => Self::from_bool(&[x != 0.0], &[]),
+            DType::U8 => Self::from_u8(&[x as u8], &[]),
         }
     }
 

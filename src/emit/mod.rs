@@ -7,7 +7,7 @@
 
 use ndarray::Array2;
 
-use crate::builder::{DType, Dim, GraphBuilder, TensorData, Value};
+use crate::builder::{Attr, DType, Dim, GraphBuilder, TensorData, Value};
 use crate::error::Result;
 use crate::model::{FamParams, LayerWeights, LlamaWeights, ModelConfig};
 use crate::onnx::{self, DEFAULT_OPSET};
@@ -16,6 +16,8 @@ use crate::onnx::{self, DEFAULT_OPSET};
 const MASKED: f32 = -1e9;
 
 /// Names of graph inputs and outputs (docs/graph-contract.md).
+pub mod quant;
+
 pub mod names {
     pub const INPUT_IDS: &str = "input_ids";
     pub const BLOCK_INDEX: &str = "block_index";
@@ -64,6 +66,77 @@ pub struct EmitSpec<'a> {
     pub fam: FamParams,
     /// How weight matrices are stored; computation is f32 whatever this is.
     pub weight_dtype: WeightDtype,
+    /// `MatMulNBits`' `accuracy_level` for q8/q4 (1: f32 compute; 4: int8 compute).
+    pub accuracy_level: i64,
+}
+
+/// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
+const MS_DOMAIN: &str = "com.microsoft";
+
+/// `x · Wᵀ` for `w` [N, K] quantized to `bits` as `MatMulNBits` (initializers
+/// `<name>.codes`, `<name>.scales` and, for 4 bits, `<name>.zero_points`).
+fn matmul_nbits(
+    b: &mut GraphBuilder,
+    x: &Value,
+    name: &str,
+    w: &Array2<f32>,
+    bits: u32,
+    accuracy_level: i64,
+) -> Result<Value> {
+    let (q, codes, scales) = quantized_weight(b, name, w, bits)?;
+    let zp = match &q.zero_points {
+        Some(z) => Some(b.weight(
+            &format!("{name}.zero_points"),
+            TensorData::from_f32(z, &[z.len() as i64]),
+        )?),
+        None => None,
+    };
+    let attrs = vec![
+        Attr::int("K", q.k as i64),
+        Attr::int("N", q.n as i64),
+        Attr::int("bits", bits as i64),
+        Attr::int("block_size", quant::BLOCK as i64),
+        Attr::int("accuracy_level", accuracy_level),
+    ];
+    Ok(b.op_in_domain(
+        MS_DOMAIN,
+        1,
+        "MatMulNBits",
+        &[Some(x), Some(&codes), Some(&scales), zp.as_ref()],
+        attrs,
+        DType::F32,
+    ))
+}
+
+/// `w` quantized, with its codes [N, K/32, blob] and scales [N·K/32] as initializers.
+fn quantized_weight(
+    b: &mut GraphBuilder,
+    name: &str,
+    w: &Array2<f32>,
+    bits: u32,
+) -> Result<(quant::Quantized, Value, Value)> {
+    let (n, k) = w.dim();
+    if !k.is_multiple_of(quant::BLOCK) {
+        return Err(crate::Error::Input(format!(
+            "{name}: {k} inputs per row; q8 and q4 quantize in blocks of {} along the inputs, so hidden_size and intermediate_size must be multiples of {}",
+            quant::BLOCK,
+            quant::BLOCK
+        )));
+    }
+    let q = quant::quantize(w, bits);
+    let codes = b.weight(
+        &format!("{name}.codes"),
+        TensorData::new(
+            DType::U8,
+            vec![n as i64, q.blocks() as i64, q.blob() as i64],
+            q.codes.clone(),
+        )?,
+    )?;
+    let scales = b.weight(
+        &format!("{name}.scales"),
+        TensorData::from_f32(&q.scales, &[q.scales.len() as i64]),
+    )?;
+    Ok((q, codes, scales))
 }
 
 /// Element type of the stored weight matrices (embedding, projections, MLP, output head).
@@ -77,15 +150,31 @@ pub enum WeightDtype {
     F32,
     F16,
     BF16,
+    /// Blockwise int8 (`com.microsoft.MatMulNBits`, 8 bits); the embedding int8 too.
+    Q8,
+    /// Blockwise int4 (`com.microsoft.MatMulNBits`, 4 bits, float zero points); the embedding
+    /// and a tied head int8.
+    Q4,
 }
 
 impl WeightDtype {
-    /// `f32`, `f16` or `bf16`.
+    /// `f32`, `f16`, `bf16`, `q8` or `q4`.
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::BF16 => "bf16",
+            WeightDtype::Q8 => "q8",
+            WeightDtype::Q4 => "q4",
+        }
+    }
+
+    /// The code width of a quantized dtype (`None` for the float ones).
+    pub fn bits(self) -> Option<u32> {
+        match self {
+            WeightDtype::Q8 => Some(8),
+            WeightDtype::Q4 => Some(4),
+            _ => None,
         }
     }
 }
@@ -97,8 +186,10 @@ impl std::str::FromStr for WeightDtype {
             "f32" => Ok(WeightDtype::F32),
             "f16" => Ok(WeightDtype::F16),
             "bf16" => Ok(WeightDtype::BF16),
+            "q8" => Ok(WeightDtype::Q8),
+            "q4" => Ok(WeightDtype::Q4),
             other => Err(crate::Error::Input(format!(
-                "unknown dtype `{other}` (f32, f16 or bf16)"
+                "unknown dtype `{other}` (f32, f16, bf16, q8 or q4)"
             ))),
         }
     }
@@ -130,6 +221,7 @@ fn store_matrix(
             let h: Vec<half::bf16> = data.iter().map(|&v| half::bf16::from_f32(v)).collect();
             TensorData::from_bf16(&h, &dims)
         }
+        WeightDtype::Q8 | WeightDtype::Q4 => TensorData::from_f32(data, &dims),
     };
     Ok(b.weight(name, t)?)
 }
@@ -237,8 +329,13 @@ impl<'a> Emitter<'a> {
         w: &Array2<f32>,
         bias: Option<&ndarray::Array1<f32>>,
     ) -> Result<Value> {
-        let wt = weight_t(b, &format!("{name}.weight"), w, self.spec.weight_dtype)?;
-        let y = b.matmul(x, &wt);
+        let y = match self.spec.weight_dtype.bits() {
+            Some(bits) => matmul_nbits(b, x, name, w, bits, self.spec.accuracy_level)?,
+            None => {
+                let wt = weight_t(b, &format!("{name}.weight"), w, self.spec.weight_dtype)?;
+                b.matmul(x, &wt)
+            }
+        };
         Ok(match bias {
             Some(bias) => {
                 let bv = weight_vec(b, &format!("{name}.bias"), bias)?;
@@ -347,13 +444,36 @@ impl<'a> Emitter<'a> {
     fn head(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value> {
         let w = self.spec.weights;
         let (vocab, d) = w.embed_tokens.dim();
-        let embed = match w.lm_head {
-            None => Some(self.embedding(b)?),
-            Some(_) => None,
+        let quantized = self.spec.weight_dtype.bits().is_some();
+        let embed = match (&w.lm_head, quantized) {
+            (None, false) => Some(self.embedding(b)?),
+            _ => None,
+        };
+        let embed_q8 = match (&w.lm_head, quantized) {
+            (None, true) => Some(self.embedding_q8(b)?),
+            _ => None,
         };
         b.scoped("head", |b| -> Result<Value> {
             let norm = weight_vec(b, "norm.weight", &w.norm)?;
             let h = self.rms_norm(b, x, &norm);
+            if let Some((codes, scales)) = embed_q8 {
+                // a tied head reads the embedding's int8 blocks: one copy serves both
+                let attrs = vec![
+                    Attr::int("K", d as i64),
+                    Attr::int("N", vocab as i64),
+                    Attr::int("bits", 8),
+                    Attr::int("block_size", quant::BLOCK as i64),
+                    Attr::int("accuracy_level", self.spec.accuracy_level),
+                ];
+                return Ok(b.op_in_domain(
+                    MS_DOMAIN,
+                    1,
+                    "MatMulNBits",
+                    &[Some(&h), Some(&codes), Some(&scales)],
+                    attrs,
+                    DType::F32,
+                ));
+            }
             let Some(embed) = embed else {
                 return self.linear(b, &h, "lm_head", w.output_weight(), None);
             };
@@ -365,16 +485,13 @@ impl<'a> Emitter<'a> {
             let logits = b.op(
                 "Gemm",
                 &[&rows, &e],
-                vec![crate::builder::Attr::int("transB", 1)],
+                vec![Attr::int("transB", 1)],
                 DType::F32,
             );
             let lead = b.op(
                 "Shape",
                 &[&h],
-                vec![
-                    crate::builder::Attr::int("start", 0),
-                    crate::builder::Attr::int("end", 2),
-                ],
+                vec![Attr::int("start", 0), Attr::int("end", 2)],
                 DType::I64,
             );
             let v = b.vec_i64(&[vocab as i64]);
@@ -396,7 +513,38 @@ impl<'a> Emitter<'a> {
         store_matrix(b, NAME, &data, [v as i64, d as i64], self.spec.weight_dtype)
     }
 
+    /// The embedding's 8-bit blocks (codes [V, d/32, 32], scales [V·d/32]), as an 8-bit
+    /// `MatMulNBits` weight reads them; one pair per graph.
+    fn embedding_q8(&self, b: &mut GraphBuilder) -> Result<(Value, Value)> {
+        const NAME: &str = "embed_tokens";
+        if let (Some(c), Some(s)) = (
+            b.initializer_value("embed_tokens.codes"),
+            b.initializer_value("embed_tokens.scales"),
+        ) {
+            return Ok((c, s));
+        }
+        let (_, codes, scales) = quantized_weight(b, NAME, &self.spec.weights.embed_tokens, 8)?;
+        Ok((codes, scales))
+    }
+
     fn embed(&self, b: &mut GraphBuilder, ids: &Value) -> Result<Value> {
+        if self.spec.weight_dtype.bits().is_some() {
+            // int8 rows: (code - 128) · the row's per-block scale
+            let d = self.cfg().hidden_size as i64;
+            let blocks = d / quant::BLOCK as i64;
+            let (codes, scales) = self.embedding_q8(b)?;
+            let rows = b.gather(&codes, ids, 0); // [B, T, d/32, 32]
+            let rows = b.cast(&rows, DType::F32);
+            let mid = b.scalar_f32(128.0);
+            let rows = b.sub(&rows, &mid);
+            let s = b.reshape(&scales, &[-1, blocks, 1]);
+            let s = b.gather(&s, ids, 0); // [B, T, d/32, 1]
+            let rows = b.mul(&rows, &s);
+            let lead = b.shape(ids);
+            let d_1 = b.vec_i64(&[d]);
+            let shape = b.concat(&[&lead, &d_1], 0);
+            return Ok(b.reshape_to(&rows, &shape));
+        }
         let embed = self.embedding(b)?;
         // gather before the cast, so only the block's rows are converted
         let rows = b.gather(&embed, ids, 0);

@@ -50,13 +50,20 @@ pub struct ExportOptions {
     pub external_threshold: usize,
     /// How weight matrices are stored.
     pub dtype: WeightDtype,
+    /// q8/q4 only: `MatMulNBits`' `accuracy_level`, the precision ONNX Runtime computes in
+    /// (1: f32 against the dequantized weights; 4, the default: int8 blocks, faster).
+    pub accuracy_level: i64,
 }
+
+/// [`ExportOptions::accuracy_level`]'s default: ONNX Runtime's int8 kernels.
+pub const DEFAULT_ACCURACY_LEVEL: i64 = 4;
 
 impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
             external_threshold: DEFAULT_EXTERNAL_THRESHOLD,
             dtype: WeightDtype::F32,
+            accuracy_level: DEFAULT_ACCURACY_LEVEL,
         }
     }
 }
@@ -176,12 +183,18 @@ fn manifest_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<M
     })
 }
 
-fn spec_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> EmitSpec<'_> {
+fn spec_for(
+    ck: &Checkpoint,
+    fam: FamParams,
+    dtype: WeightDtype,
+    accuracy_level: i64,
+) -> EmitSpec<'_> {
     EmitSpec {
         config: &ck.config,
         weights: &ck.weights,
         fam,
         weight_dtype: dtype,
+        accuracy_level,
     }
 }
 
@@ -189,7 +202,7 @@ fn spec_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> EmitSpec<'_>
 /// ([`export`] emits and writes them one at a time instead).
 pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
     let manifest = manifest_for(ck, fam, dtype)?;
-    let spec = spec_for(ck, fam, dtype);
+    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL);
     let mut graphs = BTreeMap::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
@@ -362,7 +375,13 @@ fn emit_contents(
     opts: &ExportOptions,
 ) -> Result<Manifest> {
     let manifest = manifest_for(ck, fam, opts.dtype)?;
-    let spec = spec_for(ck, fam, opts.dtype);
+    if !matches!(opts.accuracy_level, 0..=4) {
+        return Err(Error::Input(format!(
+            "--accuracy-level {}: MatMulNBits takes 0 to 4 (1: f32, 4: int8 compute)",
+            opts.accuracy_level
+        )));
+    }
+    let spec = spec_for(ck, fam, opts.dtype, opts.accuracy_level);
     let mut store = StoreWriter::new(&dir.join(WEIGHTS_FILE))?;
     let mut names = Vec::new();
     for (file, emit) in graph_kinds(fam) {

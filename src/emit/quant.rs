@@ -1,0 +1,88 @@
+//! Weight-only block quantization of a matrix, in the layout of ONNX Runtime's
+//! `com.microsoft.MatMulNBits`: each output row's K inputs in blocks of [`BLOCK`], one f32
+//! scale per block and, for 4 bits, one f32 zero point per block (the codes are unsigned).
+//!
+//! The weight a code stands for is `(code - zero_point) * scale`. 8 bits are symmetric (no
+//! zero point input: ONNX Runtime's default of 128; scale = max |w| / 127); 4 bits are
+//! asymmetric with a float zero point (scale = (max - min) / 15, zero point = -min / scale), so a
+//! block is represented by its range, and a block that came from a GGUF Q4_1 block (an f16 scale
+//! and an f16 minimum) is represented exactly. Codes are round-to-nearest.
+
+use ndarray::Array2;
+
+/// Weights per quantization block along K.
+pub const BLOCK: usize = 32;
+
+/// A matrix [N, K] quantized for `MatMulNBits`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Output features (rows of the [N, K] weight).
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+    /// Codes [N, K / BLOCK, BLOCK · bits / 8], low nibble first for 4 bits.
+    pub codes: Vec<u8>,
+    /// [N · K / BLOCK].
+    pub scales: Vec<f32>,
+    /// [N · K / BLOCK] for 4 bits; `None` for 8 (ONNX Runtime's default 128).
+    pub zero_points: Option<Vec<f32>>,
+}
+
+impl Quantized {
+    /// Blocks per output row.
+    pub fn blocks(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    /// Bytes per block of codes.
+    pub fn blob(&self) -> usize {
+        BLOCK * self.bits as usize / 8
+    }
+}
+
+/// `w` [N, K] (K a multiple of [`BLOCK`]) quantized to `bits` (4 or 8).
+pub fn quantize(w: &Array2<f32>, bits: u32) -> Quantized {
+    let (n, k) = w.dim();
+    assert!(k.is_multiple_of(BLOCK) && (bits == 4 || bits == 8));
+    let blocks = k / BLOCK;
+    let blob = BLOCK * bits as usize / 8;
+    let mut codes = vec![0u8; n * blocks * blob];
+    let mut scales = vec![0f32; n * blocks];
+    let mut zeros = vec![0f32; n * blocks];
+    for r in 0..n {
+        let row = w.row(r);
+        for b in 0..blocks {
+            let vals: Vec<f32> = (0..BLOCK).map(|i| row[b * BLOCK + i]).collect();
+            let at = r * blocks + b;
+            let out = &mut codes[at * blob..(at + 1) * blob];
+            if bits == 8 {
+                let max = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+                scales[at] = s;
+                for (i, v) in vals.iter().enumerate() {
+                    out[i] = ((v / s).round().clamp(-127.0, 127.0) + 128.0) as u8;
+                }
+            } else {
+                let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+                scales[at] = s;
+                zeros[at] = -lo / s;
+                for (i, v) in vals.iter().enumerate() {
+                    let q = ((v - lo) / s).round().clamp(0.0, 15.0) as u8;
+                    out[i / 2] |= q << (4 * (i % 2));
+                }
+            }
+        }
+    }
+    Quantized {
+        bits,
+        n,
+        k,
+        codes,
+        scales,
+        zero_points: (bits == 4).then_some(zeros),
+    }
+}

@@ -1,0 +1,269 @@
+//! q8 and q4 exports: the quantization against an independent dequantization written here from
+//! docs/graph-contract.md, and ONNX Runtime's logits against the f64 reference run on the
+//! dequantized weights, so that quantization is the only difference from f32.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use famc::builder::load_model;
+use famc::emit::quant::{quantize, BLOCK};
+use famc::export::{self, ExportOptions, WeightDtype};
+use famc::model::{Checkpoint, FamParams};
+use famc::reference::Reference;
+use famc::runtime::{BackendKind, RunOptions};
+use famc::session::FamModel;
+use ndarray::Array2;
+
+/// The weight each code stands for, from the documented layout: rows of K/32 blocks, codes low
+/// nibble first for 4 bits, `(code - zero point) * scale`, zero point 128 for 8 bits.
+fn dequantize(
+    bits: u32,
+    n: usize,
+    k: usize,
+    codes: &[u8],
+    scales: &[f32],
+    zero_points: Option<&[f32]>,
+) -> Vec<f32> {
+    let blocks = k / 32;
+    let blob = 32 * bits as usize / 8;
+    let mut w = vec![0f32; n * k];
+    for r in 0..n {
+        for b in 0..blocks {
+            let at = r * blocks + b;
+            let zp = zero_points.map_or(128.0, |z| z[at] as f64);
+            for i in 0..32 {
+                let byte = codes[at * blob + i * bits as usize / 8];
+                let code = if bits == 8 {
+                    byte
+                } else {
+                    (byte >> (4 * (i % 2))) & 15
+                };
+                w[r * k + b * 32 + i] = ((code as f64 - zp) * scales[at] as f64) as f32;
+            }
+        }
+    }
+    w
+}
+
+#[test]
+fn quantization_error_is_within_half_a_step_and_q4_1_blocks_are_exact() {
+    let mut rng = Rng::new(7);
+    let (n, k) = (5, 96);
+    let w = Array2::from_shape_fn((n, k), |_| rng.uniform() * 2.0 - 1.0);
+    for bits in [8, 4] {
+        let q = quantize(&w, bits);
+        let back = dequantize(bits, n, k, &q.codes, &q.scales, q.zero_points.as_deref());
+        for r in 0..n {
+            for c in 0..k {
+                let step = q.scales[r * (k / BLOCK) + c / BLOCK];
+                let err = (back[r * k + c] - w[[r, c]]).abs();
+                assert!(
+                    err <= 0.5 * step * (1.0 + 1e-5),
+                    "{bits} bits: [{r}, {c}] off by {err}, step {step}"
+                );
+            }
+        }
+    }
+    // a block made as GGUF's Q4_1 makes it (codes 0..15 with a scale and a minimum) comes back
+    let (d, m) = (0.0123f32, -0.0871f32);
+    let w = Array2::from_shape_fn((2, 64), |(r, c)| ((r * 7 + c * 5) % 16) as f32 * d + m);
+    let q = quantize(&w, 4);
+    let back = dequantize(4, 2, 64, &q.codes, &q.scales, q.zero_points.as_deref());
+    let worst = back
+        .iter()
+        .zip(w.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-7, "Q4_1 block reproduced within {worst}");
+}
+
+/// The checkpoint's tensors with every matrix replaced by what the export's graph dequantizes
+/// it to, read from `graph`'s `<name>.codes`, `.scales` and `.zero_points` initializers.
+fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
+    let m = load_model(graph).unwrap();
+    let inits: BTreeMap<String, famc::onnx::TensorProto> = m
+        .graph
+        .unwrap()
+        .initializer
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let f32s = |t: &famc::onnx::TensorProto| -> Vec<f32> {
+        t.raw_data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut out = t.0.clone();
+    for (name, (shape, v)) in out.iter_mut() {
+        if shape.len() != 2 || name == "model.fam_init" {
+            continue;
+        }
+        let graph_name = match name.as_str() {
+            "model.embed_tokens.weight" => "embed_tokens".to_string(),
+            "lm_head.weight" => "head.lm_head".to_string(),
+            other => {
+                let rest = other.strip_prefix("model.layers.").unwrap();
+                let (layer, rest) = rest.split_once('.').unwrap();
+                let rest = rest
+                    .strip_suffix(".weight")
+                    .unwrap()
+                    .replace("self_attn.", "attn.");
+                format!("layers.{layer}.{rest}")
+            }
+        };
+        let codes = &inits[&format!("{graph_name}.codes")];
+        // the embedding (and a tied head, which reads it) is always 8-bit
+        let b = if graph_name == "embed_tokens" {
+            8
+        } else {
+            bits
+        };
+        let zp = inits
+            .get(&format!("{graph_name}.zero_points"))
+            .map(|t| f32s(t));
+        assert_eq!(zp.is_some(), b == 4, "{graph_name}");
+        *v = dequantize(
+            b,
+            shape[0],
+            shape[1],
+            &codes.raw_data,
+            &f32s(&inits[&format!("{graph_name}.scales")]),
+            zp.as_deref(),
+        );
+    }
+    Tensors(out)
+}
+
+#[test]
+fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
+    if !backends().contains(&BackendKind::Ort) {
+        eprintln!("skipped: ONNX Runtime is not available");
+        return;
+    }
+    for tie in [true, false] {
+        let spec = Spec {
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            inter: 96,
+            vocab: 80,
+            tie,
+            fam_init_rows: Some(2),
+            ..Spec::default()
+        };
+        let (tmp, dir, tensors) = temp_checkpoint(&spec);
+        let ck = Checkpoint::load(&dir).unwrap();
+        let p = FamParams {
+            block_len: 4,
+            fam_len: 2,
+            mem_blocks: 1,
+        };
+        let ids = Rng::new(5).tokens(15, spec.vocab as u32);
+        let f32_logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
+        for (dtype, bits) in [(WeightDtype::Q8, 8), (WeightDtype::Q4, 4)] {
+            let out = tmp.path().join(format!("export-{}", dtype.name()));
+            export::export(
+                &ck,
+                p,
+                &out,
+                &ExportOptions {
+                    dtype,
+                    accuracy_level: 1,
+                    external_threshold: 256,
+                },
+            )
+            .unwrap();
+            let deq = dequantized_tensors(&out.join("block.onnx"), &tensors, bits);
+            let deq_dir = tmp.path().join(format!("dequantized-{}", dtype.name()));
+            std::fs::create_dir_all(&deq_dir).unwrap();
+            std::fs::copy(dir.join("config.json"), deq_dir.join("config.json")).unwrap();
+            write_safetensors(&deq_dir, &deq, DiskDtype::F32, 1);
+            let want = Reference::new(&Checkpoint::load(&deq_dir).unwrap(), p)
+                .unwrap()
+                .forward(&ids)
+                .unwrap();
+            let got = FamModel::open(&out, BackendKind::Ort, &RunOptions::default())
+                .unwrap()
+                .run(&ids)
+                .unwrap();
+            let diff = max_abs_diff(got.mapv(f64::from).iter(), want.iter());
+            let from_f32 = max_abs_diff(want.iter(), f32_logits.iter());
+            eprintln!(
+                "tie {tie}, {}: |ort - reference(dequantized)| {diff:.2e}, |reference(dequantized) - reference(f32)| {from_f32:.2e} (logits up to {:.1})",
+                dtype.name(),
+                f32_logits.iter().fold(0f64, |m, v| m.max(v.abs()))
+            );
+            assert!(diff < 1e-4, "tie {tie}, {}: {diff}", dtype.name());
+            assert!(
+                from_f32 > 1e-6,
+                "{}: quantization changed nothing",
+                dtype.name()
+            );
+            // each matrix within half a step of the original: max |w| / 254 for 8 bits,
+            // (max - min) / 30 <= max |w| / 15 for 4 bits
+            for (name, (shape, v)) in &deq.0 {
+                if shape.len() != 2 || name == "model.fam_init" {
+                    continue;
+                }
+                let orig = tensors.get(name);
+                let max = orig.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let b = if name == "model.embed_tokens.weight" {
+                    8
+                } else {
+                    bits
+                };
+                let bound = max * if b == 8 { 1.0 / 254.0 } else { 1.0 / 15.0 } * 1.001;
+                let err = v
+                    .iter()
+                    .zip(orig)
+                    .map(|(a, o)| (a - o).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err <= bound,
+                    "{name} ({b} bits): off by {err}, bound {bound}"
+                );
+            }
+
+            let err = FamModel::open(&out, BackendKind::Tract, &RunOptions::default())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains(dtype.name()) && err.contains("--backend ort"),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_exports_need_inputs_in_whole_blocks() {
+    let (tmp, dir, _) = temp_checkpoint(&Spec::default());
+    let ck = Checkpoint::load(&dir).unwrap();
+    let p = FamParams {
+        block_len: 4,
+        fam_len: 0,
+        mem_blocks: 1,
+    };
+    let err = export::export(
+        &ck,
+        p,
+        &tmp.path().join("q"),
+        &ExportOptions {
+            dtype: WeightDtype::Q4,
+            ..ExportOptions::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("multiples of 32") && err.contains("16 inputs"),
+        "{err}"
+    );
+}
