@@ -18,14 +18,15 @@ use famc::session::FamModel;
 use ndarray::Array2;
 
 /// The weight each code stands for, from the documented layout: rows of K/32 blocks, codes low
-/// nibble first for 4 bits, `(code - zero point) * scale`, zero point 128 for 8 bits.
+/// nibble first for 4 bits; `(code - 128) * scale` for 8 bits, `(code - 8) * scale + offset`
+/// for 4 bits, the offsets [K/32, N].
 fn dequantize(
     bits: u32,
     n: usize,
     k: usize,
     codes: &[u8],
     scales: &[f32],
-    zero_points: Option<&[f32]>,
+    offsets: Option<&[f32]>,
 ) -> Vec<f32> {
     let blocks = k / 32;
     let blob = 32 * bits as usize / 8;
@@ -33,7 +34,10 @@ fn dequantize(
     for r in 0..n {
         for b in 0..blocks {
             let at = r * blocks + b;
-            let zp = zero_points.map_or(128.0, |z| z[at] as f64);
+            let (mid, offset) = match offsets {
+                Some(o) => (8.0, o[b * n + r] as f64),
+                None => (128.0, 0.0),
+            };
             for i in 0..32 {
                 let byte = codes[at * blob + i * bits as usize / 8];
                 let code = if bits == 8 {
@@ -41,7 +45,7 @@ fn dequantize(
                 } else {
                     (byte >> (4 * (i % 2))) & 15
                 };
-                w[r * k + b * 32 + i] = ((code as f64 - zp) * scales[at] as f64) as f32;
+                w[r * k + b * 32 + i] = ((code as f64 - mid) * scales[at] as f64 + offset) as f32;
             }
         }
     }
@@ -55,7 +59,7 @@ fn quantization_error_is_within_half_a_step_and_q4_1_blocks_are_exact() {
     let w = Array2::from_shape_fn((n, k), |_| rng.uniform() * 2.0 - 1.0);
     for bits in [8, 4] {
         let q = quantize(&w, bits);
-        let back = dequantize(bits, n, k, &q.codes, &q.scales, q.zero_points.as_deref());
+        let back = dequantize(bits, n, k, &q.codes, &q.scales, q.offsets.as_deref());
         for r in 0..n {
             for c in 0..k {
                 let step = q.scales[r * (k / BLOCK) + c / BLOCK];
@@ -68,10 +72,13 @@ fn quantization_error_is_within_half_a_step_and_q4_1_blocks_are_exact() {
         }
     }
     // a block made as GGUF's Q4_1 makes it (codes 0..15 with a scale and a minimum) comes back
-    let (d, m) = (0.0123f32, -0.0871f32);
+    let (d, m) = (
+        half::f16::from_f32(0.0123).to_f32(),
+        half::f16::from_f32(-0.0871).to_f32(),
+    );
     let w = Array2::from_shape_fn((2, 64), |(r, c)| ((r * 7 + c * 5) % 16) as f32 * d + m);
     let q = quantize(&w, 4);
-    let back = dequantize(4, 2, 64, &q.codes, &q.scales, q.zero_points.as_deref());
+    let back = dequantize(4, 2, 64, &q.codes, &q.scales, q.offsets.as_deref());
     let worst = back
         .iter()
         .zip(w.iter())
@@ -81,7 +88,7 @@ fn quantization_error_is_within_half_a_step_and_q4_1_blocks_are_exact() {
 }
 
 /// The checkpoint's tensors with every matrix replaced by what the export's graph dequantizes
-/// it to, read from `graph`'s `<name>.codes`, `.scales` and `.zero_points` initializers.
+/// it to, read from `graph`'s `<name>.codes`, `.scales` and `.offsets` initializers.
 fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
     let m = load_model(graph).unwrap();
     let inits: BTreeMap<String, famc::onnx::TensorProto> = m
@@ -122,9 +129,7 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
         } else {
             bits
         };
-        let zp = inits
-            .get(&format!("{graph_name}.zero_points"))
-            .map(|t| f32s(t));
+        let zp = inits.get(&format!("{graph_name}.offsets")).map(|t| f32s(t));
         assert_eq!(zp.is_some(), b == 4, "{graph_name}");
         *v = dequantize(
             b,

@@ -73,8 +73,8 @@ pub struct EmitSpec<'a> {
 /// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
 const MS_DOMAIN: &str = "com.microsoft";
 
-/// `x · Wᵀ` for `w` [N, K] quantized to `bits` as `MatMulNBits` (initializers
-/// `<name>.codes`, `<name>.scales` and, for 4 bits, `<name>.zero_points`).
+/// `x · Wᵀ` for `w` [N, K] quantized to `bits` as `MatMulNBits` (initializers `<name>.codes`,
+/// `<name>.scales`) plus, for 4 bits, the blocks' offsets (`<name>.offsets`, see [`quant`]).
 fn matmul_nbits(
     b: &mut GraphBuilder,
     x: &Value,
@@ -84,13 +84,6 @@ fn matmul_nbits(
     accuracy_level: i64,
 ) -> Result<Value> {
     let (q, codes, scales) = quantized_weight(b, name, w, bits)?;
-    let zp = match &q.zero_points {
-        Some(z) => Some(b.weight(
-            &format!("{name}.zero_points"),
-            TensorData::from_f32(z, &[z.len() as i64]),
-        )?),
-        None => None,
-    };
     let attrs = vec![
         Attr::int("K", q.k as i64),
         Attr::int("N", q.n as i64),
@@ -98,14 +91,33 @@ fn matmul_nbits(
         Attr::int("block_size", quant::BLOCK as i64),
         Attr::int("accuracy_level", accuracy_level),
     ];
-    Ok(b.op_in_domain(
+    let y = b.op_in_domain(
         MS_DOMAIN,
         1,
         "MatMulNBits",
-        &[Some(x), Some(&codes), Some(&scales), zp.as_ref()],
+        &[Some(x), Some(&codes), Some(&scales)],
         attrs,
         DType::F32,
-    ))
+    );
+    let Some(offsets) = &q.offsets else {
+        return Ok(y);
+    };
+    // the blocks' offsets times the block sums of x [B, Q, K / 32]
+    let blocks = q.blocks() as i64;
+    let c = b.weight(
+        &format!("{name}.offsets"),
+        TensorData::from_f32(offsets, &[blocks, q.n as i64]),
+    )?;
+    let xb = b.reshape(x, &[0, 0, blocks, quant::BLOCK as i64]);
+    let axes = b.vec_i64(&[-1]);
+    let sums = b.op(
+        "ReduceSum",
+        &[&xb, &axes],
+        vec![Attr::int("keepdims", 0)],
+        DType::F32,
+    );
+    let shift = b.matmul(&sums, &c);
+    Ok(b.add(&y, &shift))
 }
 
 /// `w` quantized, with its codes [N, K/32, blob] and scales [N·K/32] as initializers.
@@ -152,8 +164,8 @@ pub enum WeightDtype {
     BF16,
     /// Blockwise int8 (`com.microsoft.MatMulNBits`, 8 bits); the embedding int8 too.
     Q8,
-    /// Blockwise int4 (`com.microsoft.MatMulNBits`, 4 bits, float zero points); the embedding
-    /// and a tied head int8.
+    /// Blockwise int4 (`com.microsoft.MatMulNBits`, 4 bits, with a per-block offset); the
+    /// embedding and a tied head int8.
     Q4,
 }
 

@@ -1,12 +1,15 @@
 //! Weight-only block quantization of a matrix, in the layout of ONNX Runtime's
-//! `com.microsoft.MatMulNBits`: each output row's K inputs in blocks of [`BLOCK`], one f32
-//! scale per block and, for 4 bits, one f32 zero point per block (the codes are unsigned).
+//! `com.microsoft.MatMulNBits`: each output row's K inputs in blocks of [`BLOCK`], one scale per
+//! block; codes are unsigned, and a code stands for `(code - 128) * scale` (8 bits) or
+//! `(code - 8) * scale` (4 bits), `MatMulNBits`' defaults without a zero-point input.
 //!
-//! The weight a code stands for is `(code - zero_point) * scale`. 8 bits are symmetric (no
-//! zero point input: ONNX Runtime's default of 128; scale = max |w| / 127); 4 bits are
-//! asymmetric with a float zero point (scale = (max - min) / 15, zero point = -min / scale), so a
-//! block is represented by its range, and a block that came from a GGUF Q4_1 block (an f16 scale
-//! and an f16 minimum) is represented exactly. Codes are round-to-nearest.
+//! 8 bits are symmetric (scale = max |w| / 127). 4 bits cover the block's range, [min, max]: scale
+//! = (max - min) / 15 rounded to f16 (the precision tract's Q4_0 keeps, so both runtimes compute
+//! with the same weight), codes = round((w - min) / scale), and the block's offset `8 * scale +
+//! min` restores `w ≈ (code - 8) * scale + offset`. The offsets' share of a product, the block
+//! sums of the activations times an [K / BLOCK, N] matrix, is a small separate `MatMul`, so the
+//! 4-bit product keeps the symmetric fast path of both runtimes; a block that came from a GGUF
+//! Q4_1 block (an f16 scale and minimum) is represented exactly.
 
 use ndarray::Array2;
 
@@ -26,8 +29,9 @@ pub struct Quantized {
     pub codes: Vec<u8>,
     /// [N · K / BLOCK].
     pub scales: Vec<f32>,
-    /// [N · K / BLOCK] for 4 bits; `None` for 8 (ONNX Runtime's default 128).
-    pub zero_points: Option<Vec<f32>>,
+    /// 4 bits: each block's offset, [K / BLOCK, N] (block-major, so that it is the right-hand
+    /// side of the offsets' `MatMul`); `None` for 8 bits.
+    pub offsets: Option<Vec<f32>>,
 }
 
 impl Quantized {
@@ -50,7 +54,7 @@ pub fn quantize(w: &Array2<f32>, bits: u32) -> Quantized {
     let blob = BLOCK * bits as usize / 8;
     let mut codes = vec![0u8; n * blocks * blob];
     let mut scales = vec![0f32; n * blocks];
-    let mut zeros = vec![0f32; n * blocks];
+    let mut offsets = vec![0f32; n * blocks];
     for r in 0..n {
         let row = w.row(r);
         for b in 0..blocks {
@@ -67,9 +71,10 @@ pub fn quantize(w: &Array2<f32>, bits: u32) -> Quantized {
             } else {
                 let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
                 let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+                let s = half::f16::from_f32((hi - lo) / 15.0).to_f32();
+                let s = if s > 0.0 && s.is_finite() { s } else { 1.0 };
                 scales[at] = s;
-                zeros[at] = -lo / s;
+                offsets[b * n + r] = 8.0 * s + lo;
                 for (i, v) in vals.iter().enumerate() {
                     let q = ((v - lo) / s).round().clamp(0.0, 15.0) as u8;
                     out[i / 2] |= q << (4 * (i % 2));
@@ -83,6 +88,6 @@ pub fn quantize(w: &Array2<f32>, bits: u32) -> Quantized {
         k,
         codes,
         scales,
-        zero_points: (bits == 4).then_some(zeros),
+        offsets: (bits == 4).then_some(offsets),
     }
 }
