@@ -127,6 +127,30 @@ fn cases() -> Vec<Case> {
             external_threshold: 1 << 20,
             dtype: WeightDtype::BF16,
         },
+        Case {
+            spec: Spec {
+                hidden: 64,
+                head_dim: 16,
+                inter: 96,
+                tie: true,
+                fam_init_rows: Some(2),
+                ..Spec::default()
+            },
+            fam: p(4, 2, 1),
+            external_threshold: 256,
+            dtype: WeightDtype::Q4,
+        },
+        Case {
+            spec: Spec {
+                hidden: 64,
+                head_dim: 16,
+                inter: 96,
+                ..Spec::default()
+            },
+            fam: p(4, 0, 1),
+            external_threshold: 256,
+            dtype: WeightDtype::Q8,
+        },
     ]
 }
 
@@ -140,6 +164,8 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
         let opts = ExportOptions {
             external_threshold: case.external_threshold,
             dtype: case.dtype,
+            // f32 compute: famc's and Python's ONNX Runtime sessions then agree to 1e-4
+            accuracy_level: 1,
         };
         export::export(&ck, case.fam, &out, &opts).unwrap();
         run_python(
@@ -168,7 +194,12 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             ],
         );
         let from_python = famc::io::read_npy_f32(&py_out).unwrap();
-        let ours = FamModel::open(&out, BackendKind::Tract, &RunOptions::default())
+        // tract does not run q8/q4 (tests/quant.rs); famc runs them on ONNX Runtime
+        let backend = match case.dtype {
+            WeightDtype::Q8 | WeightDtype::Q4 => BackendKind::Ort,
+            _ => BackendKind::Tract,
+        };
+        let ours = FamModel::open(&out, backend, &RunOptions::default())
             .unwrap()
             .run(&ids)
             .unwrap();
@@ -184,7 +215,8 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             .map(|(a, b)| (*a as f64 - b).abs())
             .fold(0.0, f64::max);
         assert!(
-            // half-precision weights move logits by far more than 1e-4 (tests/half.rs bounds it)
+            // half-precision and quantized weights move logits by far more than 1e-4 (tests/half.rs
+            // and tests/quant.rs bound them)
             d_ours < 1e-4 && (d_ref < 1e-4 || case.dtype != WeightDtype::F32),
             "case {i}: python vs famc {d_ours}, vs reference {d_ref}"
         );

@@ -129,7 +129,7 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
         } else {
             bits
         };
-        let zp = inits.get(&format!("{graph_name}.offsets")).map(|t| f32s(t));
+        let zp = inits.get(&format!("{graph_name}.offsets")).map(&f32s);
         assert_eq!(zp.is_some(), b == 4, "{graph_name}");
         *v = dequantize(
             b,
