@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # f32 against q8 and q4 weights on SmolLM2-135M (scripts/fetch-smollm2.sh), on ONNX Runtime
-# (CPU), side by side in one run: export size, mean NLL / perplexity over
+# (CPU; accuracy levels 4 and 1) and on tract, side by side in one run: export size, mean NLL / perplexity over
 # tests/data/smollm2/long.txt (5,174 tokens), score throughput and peak RSS, and `famc bench`
 # prefill and decode throughput. Release build.
 # Usage: scripts/bench-quant.sh [BLOCK_LEN FAM_LEN MEM_BLOCKS]   (default 128 0 8)
@@ -17,7 +17,12 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 weights=$(stat -c %s "$ckpt/model.safetensors")
-for cfg in f32 q8:4 q8:1 q4:4 q4:1; do
+for cfg in f32 q8:4 q8:1 q4:4 q4:1 tract:f32 tract:q8 tract:q4; do
+  backend=ort
+  if [ "${cfg%%:*}" = tract ]; then
+    backend=tract
+    cfg=${cfg#tract:}
+  fi
   dtype=${cfg%%:*}
   level=${cfg#*:}
   [ "$dtype" = "$cfg" ] && level=4
@@ -25,9 +30,9 @@ for cfg in f32 q8:4 q8:1 q4:4 q4:1; do
   $famc export "$ckpt" --block-len "$L" --fam-len "$F" --mem-blocks "$M" --dtype "$dtype" \
     --accuracy-level "$level" --out "$out" >/dev/null 2>&1
   bytes=$(du -sb "$out" | cut -f1)
-  $famc score "$out" --backend ort --text tests/data/smollm2/long.txt --json --quiet >"$work/score.json"
-  $famc bench "$out" --backend ort --tokens 512 --decode-tokens 32 --runs 3 --json "$work/bench.json" >/dev/null
-  python3 - "$cfg" "$bytes" "$weights" "$work/score.json" "$work/bench.json" <<'PY'
+  $famc score "$out" --backend "$backend" --text tests/data/smollm2/long.txt --json --quiet >"$work/score.json"
+  $famc bench "$out" --backend "$backend" --tokens 512 --decode-tokens 32 --runs 3 --json "$work/bench.json" >/dev/null
+  python3 - "$backend $cfg" "$bytes" "$weights" "$work/score.json" "$work/bench.json" <<'PY'
 import json, math, sys
 cfg, size, weights, score, bench = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 s = json.load(open(score))

@@ -61,7 +61,7 @@ struct ExportArgs {
     external_threshold: usize,
     /// Element type of the stored weight matrices: f32, f16 or bf16 (computation stays f32),
     /// or q8 / q4: blockwise int8 / int4 matrices (ONNX Runtime's MatMulNBits, block 32) with
-    /// an int8 embedding; ONNX Runtime only.
+    /// an int8 embedding (tract runs q4 packed and q8 widened to f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16", "q8", "q4"])]
     dtype: String,
     /// q8/q4: the precision ONNX Runtime computes the quantized products in (MatMulNBits'

@@ -258,17 +258,6 @@ impl FamModel {
         tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
     ) -> Result<Self> {
         let manifest = export.manifest.clone();
-        if backend == BackendKind::Tract && matches!(manifest.dtype.as_str(), "q8" | "q4") {
-            // tract 0.23 reads 2- and 4-bit MatMulNBits only; q4 keeps the embedding and a tied
-            // head 8-bit
-            return Err(Error::Export {
-                dir: export.dir.clone(),
-                message: format!(
-                    "its weights are {} (com.microsoft.MatMulNBits, with an 8-bit embedding and head), which tract 0.23 does not read: use --backend ort, or export with --dtype f32|f16|bf16 for tract",
-                    manifest.dtype
-                ),
-            });
-        }
         // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
         let block_opts = opts
             .clone()

@@ -194,7 +194,8 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             ],
         );
         let from_python = famc::io::read_npy_f32(&py_out).unwrap();
-        // tract does not run q8/q4 (tests/quant.rs); famc runs them on ONNX Runtime
+        // the driver runs ONNX Runtime: compare quantized graphs with famc's ONNX Runtime run
+        // (tract's run of them is tests/quant.rs's)
         let backend = match case.dtype {
             WeightDtype::Q8 | WeightDtype::Q4 => BackendKind::Ort,
             _ => BackendKind::Tract,

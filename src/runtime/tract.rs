@@ -371,7 +371,7 @@ impl GraphRunner for TractRunner {
 
 /// The ONNX graph at `path` as tract reads it.
 fn load_inference(path: &Path) -> Result<tract_onnx::prelude::InferenceModel> {
-    match widened_bf16(path)? {
+    match widened(path)? {
         // tract has no bfloat16: such graphs are loaded with those weights widened to f32
         Some(bytes) => tract_onnx::onnx().model_for_read(&mut bytes.as_slice()),
         None => tract_onnx::onnx().model_for_path(path),
@@ -421,9 +421,10 @@ fn dim(d: &TDim) -> Dim {
     }
 }
 
-/// When the graph at `path` stores bfloat16 initializers, its bytes with them widened to f32
-/// (exact: every bfloat16 is an f32) and external data read in; `None` otherwise.
-fn widened_bf16(path: &Path) -> Result<Option<Vec<u8>>> {
+/// When the graph at `path` stores bfloat16 initializers or 8-bit `MatMulNBits` weights (which
+/// tract 0.23 does not read), its bytes with those widened to f32 (exact: every bfloat16 and
+/// every dequantized weight is an f32) and external data read in; `None` otherwise.
+fn widened(path: &Path) -> Result<Option<Vec<u8>>> {
     use crate::onnx::tensor_proto::DataType;
     use prost::Message;
     let bytes = std::fs::read(path)
@@ -432,11 +433,12 @@ fn widened_bf16(path: &Path) -> Result<Option<Vec<u8>>> {
         return Ok(None);
     };
     let bf16 = DataType::Bfloat16 as i32;
-    let has_bf16 = model
-        .graph
-        .as_ref()
-        .is_some_and(|g| g.initializer.iter().any(|t| t.data_type == bf16));
-    if !has_bf16 {
+    let Some(g) = model.graph.as_ref() else {
+        return Ok(None);
+    };
+    let has_bf16 = g.initializer.iter().any(|t| t.data_type == bf16);
+    let has_nbits8 = g.node.iter().any(is_nbits8);
+    if !has_bf16 && !has_nbits8 {
         return Ok(None);
     }
     let mut model =
@@ -454,8 +456,86 @@ fn widened_bf16(path: &Path) -> Result<Option<Vec<u8>>> {
                 .collect();
             t.data_type = DataType::Float as i32;
         }
+        widen_nbits8(g).map_err(|m| backend_error(KIND, path, m))?;
     }
     Ok(Some(crate::builder::encode_model(&model)))
+}
+
+/// An 8-bit `com.microsoft.MatMulNBits` node, which tract 0.23 does not read.
+fn is_nbits8(n: &crate::onnx::NodeProto) -> bool {
+    n.domain == "com.microsoft"
+        && n.op_type == "MatMulNBits"
+        && n.attribute.iter().any(|a| a.name == "bits" && a.i == 8)
+}
+
+/// Replaces every 8-bit `MatMulNBits` (no zero points: a code stands for `(code - 128) *
+/// scale`, docs/graph-contract.md) by a `MatMul` against its weight widened to f32 [K, N].
+fn widen_nbits8(g: &mut crate::onnx::GraphProto) -> std::result::Result<(), String> {
+    use crate::onnx::tensor_proto::DataType;
+    let mut added = Vec::new();
+    for n in g.node.iter_mut().filter(|n| is_nbits8(n)) {
+        let attr = |name: &str| {
+            n.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.i as usize)
+                .ok_or_else(|| format!("MatMulNBits {}: no attribute {name}", n.name))
+        };
+        let (k, big_n, block) = (attr("K")?, attr("N")?, attr("block_size")?);
+        if n.input.len() != 3 || block == 0 || !k.is_multiple_of(block) {
+            return Err(format!(
+                "MatMulNBits {}: tract runs 8-bit weights widened to f32, for nodes with codes and scales only and K a multiple of block_size",
+                n.name
+            ));
+        }
+        let find = |name: &str| g.initializer.iter().find(|t| t.name == name);
+        let (Some(codes), Some(scales)) = (find(&n.input[1]), find(&n.input[2])) else {
+            return Err(format!(
+                "MatMulNBits {}: codes and scales must be initializers",
+                n.name
+            ));
+        };
+        let blocks = k / block;
+        if codes.raw_data.len() != big_n * k || scales.raw_data.len() != big_n * blocks * 4 {
+            return Err(format!(
+                "MatMulNBits {}: codes or scales of the wrong size",
+                n.name
+            ));
+        }
+        let scale = |i: usize| {
+            f32::from_le_bytes(
+                scales.raw_data[4 * i..4 * i + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            )
+        };
+        let mut w = vec![0f32; k * big_n];
+        for col in 0..big_n {
+            for kk in 0..k {
+                let code = codes.raw_data[col * k + kk] as f32;
+                w[kk * big_n + col] = (code - 128.0) * scale(col * blocks + kk / block);
+            }
+        }
+        let name = format!("{}.widened", n.input[1]);
+        if !added
+            .iter()
+            .any(|t: &crate::onnx::TensorProto| t.name == name)
+        {
+            added.push(crate::onnx::TensorProto {
+                name: name.clone(),
+                dims: vec![k as i64, big_n as i64],
+                data_type: DataType::Float as i32,
+                raw_data: w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ..Default::default()
+            });
+        }
+        n.domain = String::new();
+        n.op_type = "MatMul".into();
+        n.attribute.clear();
+        n.input = vec![n.input[0].clone(), name];
+    }
+    g.initializer.extend(added);
+    Ok(())
 }
 
 /// A tensor tract returned, kept to feed a later run (shared, not copied).
