@@ -7,15 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L=${1:-128} F=${2:-0} M=${3:-8}
-ckpt="$(bash scripts/fetch-smollm2.sh | tail -n 1)"
-cargo build -q --release --bin famc
-famc=target/release/famc
-if [ -z "${ORT_DYLIB_PATH:-}" ] && [ -x .venv/bin/python ]; then
-  ORT_DYLIB_PATH="$(.venv/bin/python -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')"
-  export ORT_DYLIB_PATH
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+source scripts/smollm2-env.sh
 fam=(--block-len "$L" --fam-len "$F" --mem-blocks "$M")
 weights=$(stat -c %s "$ckpt/model.safetensors")
 echo "checkpoint model.safetensors: $weights bytes"

@@ -7,15 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L=${1:-128} F=${2:-0} M=${3:-8}
-ckpt="$(bash scripts/fetch-smollm2.sh | tail -n 1)"
-cargo build -q --release --bin famc
-famc=target/release/famc
-if [ -z "${ORT_DYLIB_PATH:-}" ] && [ -x .venv/bin/python ]; then
-  ORT_DYLIB_PATH="$(.venv/bin/python -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')"
-  export ORT_DYLIB_PATH
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+source scripts/smollm2-env.sh
 weights=$(stat -c %s "$ckpt/model.safetensors")
 for cfg in f32 q8:4 q8:1 q4:4 q4:1 tract:f32 tract:q8 tract:q4; do
   backend=ort
