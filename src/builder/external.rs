@@ -182,7 +182,6 @@ impl StoreWriter {
         model: &mut onnx::ModelProto,
         threshold: usize,
     ) -> Result<(), BuildError> {
-        use sha2::{Digest, Sha256};
         let Some(graph) = model.graph.as_mut() else {
             return Ok(());
         };
@@ -191,40 +190,52 @@ impl StoreWriter {
             .iter_mut()
             .filter(|t| t.raw_data.len() > threshold)
         {
-            let raw = std::mem::take(&mut t.raw_data);
-            let key = (t.data_type, t.dims.clone(), Sha256::digest(&raw).into());
-            let (at, len) = match self.stored.get(&key) {
-                Some(&place) => place,
-                None => {
-                    if self.writer.is_none() {
-                        let tmp = NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
-                        self.writer = Some(BufWriter::new(tmp));
-                    }
-                    let w = self.writer.as_mut().expect("created above");
-                    let pad = self.offset.next_multiple_of(EXTERNAL_DATA_ALIGNMENT) - self.offset;
-                    w.write_all(&vec![0u8; pad as usize])
-                        .and_then(|_| w.write_all(&raw))
-                        .map_err(io_err(&self.store))?;
-                    let place = (self.offset + pad, raw.len());
-                    self.offset += pad + raw.len() as u64;
-                    self.stored.insert(key, place);
-                    self.stats.stored += 1;
-                    place
-                }
-            };
-            let entry = |key: &str, value: String| onnx::StringStringEntryProto {
-                key: key.to_string(),
-                value,
-            };
-            t.external_data = vec![
-                entry("location", self.name.clone()),
-                entry("offset", at.to_string()),
-                entry("length", len.to_string()),
-            ];
-            t.data_location = DataLocation::External as i32;
-            self.stats.references += 1;
+            self.externalize_tensor(t)?;
         }
         Ok(())
+    }
+
+    /// Moves `t`'s bytes into the store (or points it at identical bytes already there);
+    /// returns their SHA-256.
+    pub fn externalize_tensor(
+        &mut self,
+        t: &mut onnx::TensorProto,
+    ) -> Result<[u8; 32], BuildError> {
+        use sha2::{Digest, Sha256};
+        let raw = std::mem::take(&mut t.raw_data);
+        let hash: [u8; 32] = Sha256::digest(&raw).into();
+        let key = (t.data_type, t.dims.clone(), hash);
+        let (at, len) = match self.stored.get(&key) {
+            Some(&place) => place,
+            None => {
+                if self.writer.is_none() {
+                    let tmp = NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
+                    self.writer = Some(BufWriter::new(tmp));
+                }
+                let w = self.writer.as_mut().expect("created above");
+                let pad = self.offset.next_multiple_of(EXTERNAL_DATA_ALIGNMENT) - self.offset;
+                w.write_all(&vec![0u8; pad as usize])
+                    .and_then(|_| w.write_all(&raw))
+                    .map_err(io_err(&self.store))?;
+                let place = (self.offset + pad, raw.len());
+                self.offset += pad + raw.len() as u64;
+                self.stored.insert(key, place);
+                self.stats.stored += 1;
+                place
+            }
+        };
+        let entry = |key: &str, value: String| onnx::StringStringEntryProto {
+            key: key.to_string(),
+            value,
+        };
+        t.external_data = vec![
+            entry("location", self.name.clone()),
+            entry("offset", at.to_string()),
+            entry("length", len.to_string()),
+        ];
+        t.data_location = DataLocation::External as i32;
+        self.stats.references += 1;
+        Ok(hash)
     }
 
     /// Syncs the store and moves it into place.

@@ -8,6 +8,9 @@
 mod external;
 mod tensor;
 
+/// A weight store that several graph builders write into, one after the other.
+pub type SharedStore = std::rc::Rc<std::cell::RefCell<StoreWriter>>;
+
 pub use external::{
     encode_model, load_model, save_model, save_models, StoreStats, StoreWriter,
     EXTERNAL_DATA_ALIGNMENT,
@@ -352,6 +355,10 @@ fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> onnx::ValueInf
 pub struct GraphBuilder {
     graph_name: String,
     opset: i64,
+    /// Where initializers over the threshold go as they are added (see [`Self::set_store`]).
+    store: Option<(SharedStore, usize)>,
+    /// The SHA-256 of each initializer (by index) whose bytes went to the store.
+    stored_hashes: BTreeMap<usize, [u8; 32]>,
     /// Operator sets of other domains the graph's nodes use, with their versions.
     domains: BTreeMap<String, i64>,
     doc_string: Option<String>,
@@ -382,6 +389,8 @@ impl GraphBuilder {
         GraphBuilder {
             graph_name: graph_name.to_string(),
             opset,
+            store: None,
+            stored_hashes: BTreeMap::new(),
             domains: BTreeMap::new(),
             doc_string: None,
             metadata: BTreeMap::new(),
@@ -586,8 +595,14 @@ impl GraphBuilder {
         };
         if let Some(&i) = self.initializer_index.get(&full) {
             let old = &self.initializers[i];
-            if old.data_type == t.dtype.onnx() as i32 && old.dims == t.dims && old.raw_data == t.raw
-            {
+            let same_bytes = match self.stored_hashes.get(&i) {
+                Some(h) => {
+                    use sha2::Digest;
+                    <[u8; 32]>::from(sha2::Sha256::digest(&t.raw)) == *h
+                }
+                None => old.raw_data == t.raw,
+            };
+            if old.data_type == t.dtype.onnx() as i32 && old.dims == t.dims && same_bytes {
                 return Ok(value);
             }
         }
@@ -613,11 +628,29 @@ impl GraphBuilder {
         })
     }
 
+    /// Sends every initializer of more than `threshold` bytes added from now on straight into
+    /// `store` (ONNX external data), so that a graph's weights are not held in memory as a
+    /// whole while it is built.
+    pub fn set_store(&mut self, store: SharedStore, threshold: usize) {
+        self.store = Some((store, threshold));
+    }
+
     fn add_initializer(&mut self, name: &str, t: TensorData) {
         self.names.insert(name.to_string());
-        self.initializer_index
-            .insert(name.to_string(), self.initializers.len());
-        self.initializers.push(t.into_proto(name));
+        let i = self.initializers.len();
+        self.initializer_index.insert(name.to_string(), i);
+        let mut proto = t.into_proto(name);
+        if let Some((store, threshold)) = &self.store {
+            if proto.raw_data.len() > *threshold {
+                match store.borrow_mut().externalize_tensor(&mut proto) {
+                    Ok(h) => {
+                        self.stored_hashes.insert(i, h);
+                    }
+                    Err(e) => self.errors.push(e),
+                }
+            }
+        }
+        self.initializers.push(proto);
     }
 
     /// A constant, stored as an initializer `const.<n>` (global, unscoped).

@@ -68,6 +68,18 @@ pub struct EmitSpec<'a> {
     pub weight_dtype: WeightDtype,
     /// `MatMulNBits`' `accuracy_level` for q8/q4 (1: f32 compute; 4: int8 compute).
     pub accuracy_level: i64,
+    /// Where initializers over the given size go as they are emitted; `None` keeps them in
+    /// the graphs.
+    pub store: Option<(crate::builder::SharedStore, usize)>,
+}
+
+/// A builder for graph `name`, writing large weights into `spec`'s store when it has one.
+fn builder(spec: &EmitSpec, name: &str) -> GraphBuilder {
+    let mut b = GraphBuilder::new(name, DEFAULT_OPSET);
+    if let Some((store, threshold)) = &spec.store {
+        b.set_store(store.clone(), *threshold);
+    }
+    b
 }
 
 /// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
@@ -578,7 +590,7 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     );
     let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
     let em = Emitter { spec };
-    let mut b = GraphBuilder::new("famc_block", DEFAULT_OPSET);
+    let mut b = builder(spec, "famc_block");
     let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), sym(TOKENS)]);
     let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
     let mut state_in = Vec::new();
@@ -760,7 +772,7 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let w = spec.weights;
     let (f, d) = (spec.fam.fam_len, cfg.hidden_size);
     let em = Emitter { spec };
-    let mut b = GraphBuilder::new("famc_init", DEFAULT_OPSET);
+    let mut b = builder(spec, "famc_init");
     let prompt: Vec<f32> = match &w.fam_init {
         Some(a) => a.iter().copied().collect(),
         None => vec![0.0; f * d],
@@ -795,7 +807,7 @@ pub fn fam_kv_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let p = spec.fam;
     let (d, hkv, dh, f) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, p.fam_len);
     let em = Emitter { spec };
-    let mut b = GraphBuilder::new("famc_fam_kv", DEFAULT_OPSET);
+    let mut b = builder(spec, "famc_fam_kv");
     let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
     let fams: Vec<Value> = (0..cfg.num_layers)
         .map(|l| {
@@ -841,7 +853,7 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let (hkv, dh, v_size) = (cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
     let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
     let em = Emitter { spec };
-    let mut b = GraphBuilder::new("famc_decode", DEFAULT_OPSET);
+    let mut b = builder(spec, "famc_decode");
     let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), fixed(1)]);
     let position = b.input(names::POSITION, DType::I64, vec![sym(BATCH)]);
     let kv_shape = |n: usize| vec![sym(BATCH), fixed(hkv), fixed(n), fixed(dh)];

@@ -188,6 +188,7 @@ fn spec_for(
     fam: FamParams,
     dtype: WeightDtype,
     accuracy_level: i64,
+    store: Option<(crate::builder::SharedStore, usize)>,
 ) -> EmitSpec<'_> {
     EmitSpec {
         config: &ck.config,
@@ -195,6 +196,7 @@ fn spec_for(
         fam,
         weight_dtype: dtype,
         accuracy_level,
+        store,
     }
 }
 
@@ -202,7 +204,7 @@ fn spec_for(
 /// ([`export`] emits and writes them one at a time instead).
 pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
     let manifest = manifest_for(ck, fam, dtype)?;
-    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL);
+    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL, None);
     let mut graphs = BTreeMap::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
@@ -381,16 +383,29 @@ fn emit_contents(
             opts.accuracy_level
         )));
     }
-    let spec = spec_for(ck, fam, opts.dtype, opts.accuracy_level);
-    let mut store = StoreWriter::new(&dir.join(WEIGHTS_FILE))?;
+    // weights go to the store as they are emitted: no graph's weights are held whole
+    let store = std::rc::Rc::new(std::cell::RefCell::new(StoreWriter::new(
+        &dir.join(WEIGHTS_FILE),
+    )?));
+    let spec = spec_for(
+        ck,
+        fam,
+        opts.dtype,
+        opts.accuracy_level,
+        Some((store.clone(), opts.external_threshold)),
+    );
     let mut names = Vec::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
         stamp(&mut g, &manifest);
-        store.externalize(&mut g, opts.external_threshold)?;
         save_model(g, &dir.join(file), None)?;
         names.push(file.to_string());
     }
+    drop(spec);
+    let store = std::rc::Rc::try_unwrap(store)
+        .ok()
+        .expect("the emitters hold no store")
+        .into_inner();
     finish_contents(&manifest, &ck.dir, dir, store, names)
 }
 

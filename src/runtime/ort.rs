@@ -796,6 +796,14 @@ impl OrtRunner {
         if let Some(w) = &weights {
             builder = w.apply(builder).map_err(|m| err("weights", &m))?;
         }
+        if plan.kind == EpKind::Cpu {
+            // The memory pattern plans one arena block per input shape it sees; the block
+            // graph sees two (full and short blocks) and more with batches. Without it,
+            // SmolLM2's block session held 87 MiB less and ran no slower (docs/BENCHMARKS.md).
+            builder = builder
+                .with_memory_pattern(false)
+                .map_err(|e| err("cannot set the memory pattern", &e))?;
+        }
         // While the session packs its weights it reads the whole store; handing the pages back
         // as it goes keeps them from adding a second copy to the peak.
         let releasing = weights.as_ref().map(|w| w.store.release_while_loading());
