@@ -194,6 +194,7 @@ impl TensorStore {
                 })
             }
         };
+        release(&shard.mmap, start, end);
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::Safetensors {
                 path: shard.path.clone(),
@@ -227,8 +228,27 @@ impl TensorStore {
         let mut shards: Vec<&Shard> = self.shards.iter().collect();
         shards.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
         for s in shards {
-            h.update(&s.mmap[..]);
+            for (i, chunk) in s.mmap.chunks(64 << 20).enumerate() {
+                h.update(chunk);
+                let start = i * (64 << 20);
+                release(&s.mmap, start, start + chunk.len());
+            }
         }
+    }
+}
+
+/// Hands the pages of `mmap[start..end]` back once read: the checkpoint is converted into
+/// arrays of its own, and a mapping whose pages all stayed resident would count the weights
+/// twice in the process's memory while the conversion runs. What is read again faults back in
+/// from the page cache.
+fn release(mmap: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let from = start - start % PAGE;
+    if end > from {
+        // SAFETY: a read-only file mapping: dropping its pages loses nothing.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, end - from)
+        };
     }
 }
 
