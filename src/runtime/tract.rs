@@ -144,7 +144,7 @@ impl TractRunner {
             })
             .collect();
 
-        let decluttered = model
+        let mut decluttered = model
             .into_typed()
             .and_then(|m| m.into_decluttered())
             .map_err(|e| err("cannot type the graph", e))?;
@@ -213,9 +213,14 @@ impl TractRunner {
                     .collect();
                 format!("cannot plan the graph for {}", dims.join(", "))
             };
-            let plan = decluttered
+            let specialised = decluttered
                 .set_symbols(&subs)
-                .and_then(TypedModel::into_optimized)
+                .map_err(|e| err(&what(), e))?;
+            // the symbolic plan is built from the file when first needed: letting the
+            // decluttered model go now lets its weights go as the fixed plan packs them
+            drop(std::mem::take(&mut decluttered));
+            let plan = specialised
+                .into_optimized()
                 .and_then(|m| m.into_runnable_with_options(&plan_opts))
                 .map_err(|e| err(&what(), e))?;
             Some(FixedPlan {
