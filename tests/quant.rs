@@ -273,3 +273,29 @@ fn quantized_exports_need_inputs_in_whole_blocks() {
         "{err}"
     );
 }
+
+#[test]
+fn the_cli_refuses_bad_quantization_requests_before_writing() {
+    let (tmp, dir, _) = temp_checkpoint(&Spec::default());
+    let out = tmp.path().join("q");
+    let base = [
+        "export",
+        dir.to_str().unwrap(),
+        "--block-len",
+        "4",
+        "--fam-len",
+        "0",
+        "--mem-blocks",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    // hidden_size 16 is no whole block of 32
+    let o = famc(&[&base[..], &["--dtype", "q4"]].concat());
+    assert_clean_failure(&o, "multiples of 32");
+    let o = famc(&[&base[..], &["--dtype", "q8", "--accuracy-level", "9"]].concat());
+    assert_clean_failure(&o, "--accuracy-level 9");
+    let o = famc(&[&base[..], &["--dtype", "q3"]].concat());
+    assert_clean_failure(&o, "q3");
+    assert!(!out.exists(), "a refused export left {}", out.display());
+}
