@@ -141,8 +141,8 @@ enum OrtOpt {
 /// How the graph backends run (tract and ONNX Runtime); shared by the subcommands that run graphs.
 #[derive(Args, Clone, Debug, Default)]
 struct RuntimeArgs {
-    /// Threads inside one operator: tract's thread pool (default 1) and ONNX Runtime's intra-op
-    /// pool (default: its own, one per physical core).
+    /// Threads inside one operator: tract's thread pool (default: every core the process may
+    /// use) and ONNX Runtime's intra-op pool (default: its own, one per physical core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=famc::runtime::MAX_THREADS as i64))]
     threads: Option<u32>,
     /// ONNX Runtime threads across operators (above 1 enables its parallel execution mode).
@@ -486,6 +486,10 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor(a),
         Command::Eval(c) => eval(c),
     };
+    if result.is_err() && famc::signal::interrupted() {
+        // the failure may be the handler removing what this was writing: its exit speaks
+        famc::signal::wait_for_handler();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // the reader of our output has gone (`famc doctor | head -1`): end quietly, as 128 + SIGPIPE

@@ -30,6 +30,25 @@ impl Drop for TempGuard {
     }
 }
 
+/// The signal being handled, once the handler has started (0 before).
+static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Whether a SIGINT or SIGTERM is being handled. A writer whose temporaries the handler is
+/// removing can fail for that reason alone; the caller then waits for the handler's exit
+/// ([`wait_for_handler`]) rather than report that failure.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst) != 0
+}
+
+/// Waits (at most 30 s) for the signal handler, which exits the process; exits with 128 + the
+/// signal itself if it has not by then.
+pub fn wait_for_handler() -> ! {
+    for _ in 0..3000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::process::exit(128 + INTERRUPTED.load(Ordering::SeqCst))
+}
+
 /// Registers a temporary file or directory for removal on SIGINT/SIGTERM.
 pub fn register(path: &Path) -> TempGuard {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -73,6 +92,7 @@ pub fn install() -> Result<()> {
                 .name("famc-signals".into())
                 .spawn(move || {
                     if let Some(sig) = signals.forever().next() {
+                        INTERRUPTED.store(sig, Ordering::SeqCst);
                         let removed = remove_all();
                         let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                         let what = if removed == 0 {

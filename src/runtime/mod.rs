@@ -400,7 +400,8 @@ impl FromStr for OrtOptLevel {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunOptions {
     /// Threads used inside one operator: ONNX Runtime's intra-op pool (unset: its default, one
-    /// per physical core); tract's rayon pool (unset or 1: single-threaded, tract's default).
+    /// per physical core); tract's rayon pool (unset: every core the process may use; 1:
+    /// single-threaded).
     pub intra_threads: Option<usize>,
     /// Threads used across operators (ONNX Runtime only; enables its parallel execution mode
     /// when above 1).

@@ -17,7 +17,8 @@
 //! [`RunOptions::intra_threads`] above 1 runs the plans on a rayon pool of that many threads
 //! (tract-linalg's `multithread-mm`: matrix products, element-wise, reductions, softmax and
 //! norms split over rows or panels; results are bit-identical to the single-threaded path).
-//! Unset or 1: tract's default, single-threaded.
+//! Unset: every core the process may use (`available_parallelism`), as ONNX Runtime does; 1:
+//! single-threaded.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -175,7 +176,7 @@ impl TractRunner {
             });
         }
 
-        let threads = opts.intra_threads.unwrap_or(1).max(1);
+        let threads = opts.intra_threads.unwrap_or_else(default_threads).max(1);
         let plan_opts = TractRunOptions {
             executor: executor(threads)?,
             ..Default::default()
@@ -372,6 +373,12 @@ impl GraphRunner for TractRunner {
         }
         result
     }
+}
+
+/// tract's threads when none are asked for: every core this process may use, as ONNX Runtime
+/// does.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The ONNX graph at `path` as tract reads it.
