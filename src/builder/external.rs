@@ -123,17 +123,6 @@ pub fn save_model(
     Ok(())
 }
 
-/// What [`save_models`] wrote into the weight store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StoreStats {
-    /// Tensors that point into the store, over all models.
-    pub references: usize,
-    /// Distinct tensors stored (identical bytes are stored once).
-    pub stored: usize,
-    /// Size of the store file in bytes (0 when nothing went into it).
-    pub bytes: u64,
-}
-
 type StoredKey = (i32, Vec<i64>, [u8; 32]);
 
 /// A weight store being written: initializers move into it model by model, and a tensor whose
@@ -149,7 +138,6 @@ pub struct StoreWriter {
     /// (element type, dims, SHA-256 of the bytes) -> (offset, length) in the store.
     stored: std::collections::HashMap<StoredKey, (u64, usize)>,
     offset: u64,
-    stats: StoreStats,
 }
 
 impl StoreWriter {
@@ -171,7 +159,6 @@ impl StoreWriter {
             writer: None,
             stored: Default::default(),
             offset: 0,
-            stats: StoreStats::default(),
         })
     }
 
@@ -220,7 +207,6 @@ impl StoreWriter {
                 let place = (self.offset + pad, raw.len());
                 self.offset += pad + raw.len() as u64;
                 self.stored.insert(key, place);
-                self.stats.stored += 1;
                 place
             }
         };
@@ -234,42 +220,21 @@ impl StoreWriter {
             entry("length", len.to_string()),
         ];
         t.data_location = DataLocation::External as i32;
-        self.stats.references += 1;
         Ok(hash)
     }
 
-    /// Syncs the store and moves it into place.
-    pub fn finish(self) -> Result<StoreStats, BuildError> {
-        let mut stats = self.stats;
+    /// Syncs the store and moves it into place; returns its size in bytes (0: no file, as no
+    /// tensor went into it).
+    pub fn finish(self) -> Result<u64, BuildError> {
         if let Some(w) = self.writer {
             let store = &self.store;
             let tmp = w.into_inner().map_err(|e| io_err(store)(e.into_error()))?;
             tmp.as_file().sync_all().map_err(io_err(store))?;
             crate::io::set_shareable(tmp.as_file()).map_err(io_err(store))?;
             tmp.persist(store).map_err(|e| io_err(store)(e.error))?;
-            stats.bytes = self.offset;
         }
-        Ok(stats)
+        Ok(self.offset)
     }
-}
-
-/// Writes `models` (each to its path, all in one directory) with every top-level initializer
-/// of more than `threshold` bytes moved into the one weight store `store` beside them (see
-/// [`StoreWriter`]). Files are written as [`save_model`] writes them, the store first.
-pub fn save_models(
-    mut models: Vec<(PathBuf, onnx::ModelProto)>,
-    store: &Path,
-    threshold: usize,
-) -> Result<StoreStats, BuildError> {
-    let mut w = StoreWriter::new(store)?;
-    for (_, model) in &mut models {
-        w.externalize(model, threshold)?;
-    }
-    let stats = w.finish()?;
-    for (path, model) in models {
-        save_model(model, &path, None)?;
-    }
-    Ok(stats)
 }
 
 /// Reads a model from `path`, pulling external tensor data back into

@@ -11,10 +11,7 @@ mod tensor;
 /// A weight store that several graph builders write into, one after the other.
 pub type SharedStore = std::rc::Rc<std::cell::RefCell<StoreWriter>>;
 
-pub use external::{
-    encode_model, load_model, save_model, save_models, StoreStats, StoreWriter,
-    EXTERNAL_DATA_ALIGNMENT,
-};
+pub use external::{encode_model, load_model, save_model, StoreWriter, EXTERNAL_DATA_ALIGNMENT};
 pub use tensor::TensorData;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -15,9 +15,9 @@ use crate::onnx::{self, DEFAULT_OPSET};
 /// Additive mask value for hidden keys: finite, so no row ever turns into NaN.
 const MASKED: f32 = -1e9;
 
-/// Names of graph inputs and outputs (docs/graph-contract.md).
 pub mod quant;
 
+/// Names of graph inputs and outputs (docs/graph-contract.md).
 pub mod names {
     pub const INPUT_IDS: &str = "input_ids";
     pub const BLOCK_INDEX: &str = "block_index";
@@ -96,21 +96,7 @@ fn matmul_nbits(
     accuracy_level: i64,
 ) -> Result<Value> {
     let (q, codes, scales) = quantized_weight(b, name, w, bits)?;
-    let attrs = vec![
-        Attr::int("K", q.k as i64),
-        Attr::int("N", q.n as i64),
-        Attr::int("bits", bits as i64),
-        Attr::int("block_size", quant::BLOCK as i64),
-        Attr::int("accuracy_level", accuracy_level),
-    ];
-    let y = b.op_in_domain(
-        MS_DOMAIN,
-        1,
-        "MatMulNBits",
-        &[Some(x), Some(&codes), Some(&scales)],
-        attrs,
-        DType::F32,
-    );
+    let y = nbits_node(b, x, &codes, &scales, [q.k, q.n], bits, accuracy_level);
     let Some(offsets) = &q.offsets else {
         return Ok(y);
     };
@@ -132,7 +118,36 @@ fn matmul_nbits(
     Ok(b.add(&y, &shift))
 }
 
-/// `w` quantized, with its codes [N, K/32, blob] and scales [N·K/32] as initializers.
+/// The `MatMulNBits` node `x · Wᵀ` for W [N, K] of `bits`-bit `codes` and `scales` (no zero
+/// points), `[k, n]` = [K, N].
+fn nbits_node(
+    b: &mut GraphBuilder,
+    x: &Value,
+    codes: &Value,
+    scales: &Value,
+    [k, n]: [usize; 2],
+    bits: u32,
+    accuracy_level: i64,
+) -> Value {
+    let attrs = vec![
+        Attr::int("K", k as i64),
+        Attr::int("N", n as i64),
+        Attr::int("bits", bits as i64),
+        Attr::int("block_size", quant::BLOCK as i64),
+        Attr::int("accuracy_level", accuracy_level),
+    ];
+    b.op_in_domain(
+        MS_DOMAIN,
+        1,
+        "MatMulNBits",
+        &[Some(x), Some(codes), Some(scales)],
+        attrs,
+        DType::F32,
+    )
+}
+
+/// `w` quantized, with its codes [N, K/32, blob] and scales [N·K/32] as initializers (the
+/// returned `Quantized` keeps the rest: dims and 4-bit offsets; its codes are moved out).
 fn quantized_weight(
     b: &mut GraphBuilder,
     name: &str,
@@ -147,14 +162,11 @@ fn quantized_weight(
             quant::BLOCK
         )));
     }
-    let q = quant::quantize(w, bits);
+    let mut q = quant::quantize(w, bits);
+    let dims = vec![n as i64, q.blocks() as i64, q.blob() as i64];
     let codes = b.weight(
         &format!("{name}.codes"),
-        TensorData::new(
-            DType::U8,
-            vec![n as i64, q.blocks() as i64, q.blob() as i64],
-            q.codes.clone(),
-        )?,
+        TensorData::new(DType::U8, dims, std::mem::take(&mut q.codes))?,
     )?;
     let scales = b.weight(
         &format!("{name}.scales"),
@@ -482,21 +494,8 @@ impl<'a> Emitter<'a> {
             let h = self.rms_norm(b, x, &norm);
             if let Some((codes, scales)) = embed_q8 {
                 // a tied head reads the embedding's int8 blocks: one copy serves both
-                let attrs = vec![
-                    Attr::int("K", d as i64),
-                    Attr::int("N", vocab as i64),
-                    Attr::int("bits", 8),
-                    Attr::int("block_size", quant::BLOCK as i64),
-                    Attr::int("accuracy_level", self.spec.accuracy_level),
-                ];
-                return Ok(b.op_in_domain(
-                    MS_DOMAIN,
-                    1,
-                    "MatMulNBits",
-                    &[Some(&h), Some(&codes), Some(&scales)],
-                    attrs,
-                    DType::F32,
-                ));
+                let acc = self.spec.accuracy_level;
+                return Ok(nbits_node(b, &h, &codes, &scales, [d, vocab], 8, acc));
             }
             let Some(embed) = embed else {
                 return self.linear(b, &h, "lm_head", w.output_weight(), None);

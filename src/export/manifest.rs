@@ -143,14 +143,4 @@ impl Manifest {
     }
 }
 
-/// A single path component: no directory, no `..`, not absolute.
-pub fn is_plain_file_name(name: &str) -> bool {
-    if name.contains(['/', '\\']) {
-        return false;
-    }
-    let mut c = Path::new(name).components();
-    matches!(
-        (c.next(), c.next()),
-        (Some(std::path::Component::Normal(_)), None)
-    )
-}
+pub use crate::io::is_plain_file_name;

@@ -71,8 +71,6 @@ impl Default for ExportOptions {
 /// The emitted graphs of a model, in memory.
 pub struct Compiled {
     pub manifest: Manifest,
-    /// The checkpoint directory, whose [`CARRIED_FILES`] the export copies.
-    pub source_dir: PathBuf,
     pub block: onnx::ModelProto,
     pub init: Option<onnx::ModelProto>,
     pub decode: onnx::ModelProto,
@@ -201,7 +199,7 @@ fn spec_for(
 }
 
 /// Emits the graphs and the manifest of `ck` with FAM parameters `fam`, all held in memory
-/// ([`export`] emits and writes them one at a time instead).
+/// (what [`export`] writes, emitting and writing one graph at a time).
 pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
     let manifest = manifest_for(ck, fam, dtype)?;
     let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL, None);
@@ -213,7 +211,6 @@ pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Co
     }
     Ok(Compiled {
         manifest,
-        source_dir: ck.dir.clone(),
         block: graphs.remove(BLOCK_FILE).expect("always emitted"),
         init: graphs.remove(INIT_FILE),
         decode: graphs.remove(DECODE_FILE).expect("always emitted"),
@@ -242,18 +239,13 @@ fn stamp(model: &mut onnx::ModelProto, m: &Manifest) {
         .collect();
 }
 
-/// Writes the compiled graphs, the carried checkpoint files and `famc.json` (with every file's
-/// size and SHA-256) into `dir`, never leaving a mixed or half-written directory: everything is
-/// written into a hidden sibling directory, which then takes `dir`'s place in one rename (an
-/// atomic exchange with an earlier export on Linux). A lock file beside `dir` (removed afterwards)
-/// makes a second export into the same directory an error while the first runs. `dir` may be missing, empty,
-/// or an earlier export; anything else is refused untouched. Returns the manifest written.
-pub fn write(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
-    write_with(dir, |tmp| write_contents(compiled, tmp, opts))
-}
-
-/// [`write`]'s locking, temporary directory and swap around `contents`, which fills the empty
-/// directory it is given and returns the manifest it wrote there.
+/// Writes an export into `dir`, never leaving a mixed or half-written directory: `contents`
+/// fills a hidden sibling directory (graphs, store, carried checkpoint files and `famc.json` with
+/// every file's size and SHA-256) and returns the manifest it wrote, and that directory then
+/// takes `dir`'s place in one rename (an atomic exchange with an earlier export on Linux). A
+/// lock file beside `dir` (removed afterwards) makes a second export into the same directory an
+/// error while the first runs. `dir` may be missing, empty, or an earlier export; anything else
+/// is refused untouched.
 fn write_with(dir: &Path, contents: impl FnOnce(&Path) -> Result<Manifest>) -> Result<Manifest> {
     let err = |message: String| Error::Export {
         dir: dir.to_path_buf(),
@@ -354,35 +346,16 @@ fn write_locked(
     Ok(manifest)
 }
 
-/// Writes every file of the export into the empty directory `dir`.
-fn write_contents(compiled: &Compiled, dir: &Path, opts: &ExportOptions) -> Result<Manifest> {
-    let mut store = StoreWriter::new(&dir.join(WEIGHTS_FILE))?;
-    let mut names = Vec::new();
-    for (file, g) in compiled.graphs() {
-        let mut g = g.clone();
-        store.externalize(&mut g, opts.external_threshold)?;
-        save_model(g, &dir.join(file), None)?;
-        names.push(file.to_string());
-    }
-    finish_contents(&compiled.manifest, &compiled.source_dir, dir, store, names)
-}
-
 /// Emits the graphs of `ck` one at a time into the empty directory `dir`, each graph's weights
 /// moved into the store before the next is emitted, so that no more than one graph's weights
 /// are held besides the checkpoint's.
 fn emit_contents(
     ck: &Checkpoint,
-    fam: FamParams,
+    manifest: &Manifest,
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    let manifest = manifest_for(ck, fam, opts.dtype)?;
-    if !matches!(opts.accuracy_level, 0..=4) {
-        return Err(Error::Input(format!(
-            "--accuracy-level {}: MatMulNBits takes 0 to 4 (1: f32, 4: int8 compute)",
-            opts.accuracy_level
-        )));
-    }
+    let fam = manifest.fam;
     // weights go to the store as they are emitted: no graph's weights are held whole
     let store = std::rc::Rc::new(std::cell::RefCell::new(StoreWriter::new(
         &dir.join(WEIGHTS_FILE),
@@ -397,7 +370,7 @@ fn emit_contents(
     let mut names = Vec::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
-        stamp(&mut g, &manifest);
+        stamp(&mut g, manifest);
         save_model(g, &dir.join(file), None)?;
         names.push(file.to_string());
     }
@@ -406,7 +379,7 @@ fn emit_contents(
         .ok()
         .expect("the emitters hold no store")
         .into_inner();
-    finish_contents(&manifest, &ck.dir, dir, store, names)
+    finish_contents(manifest, &ck.dir, dir, store, names)
 }
 
 /// Completes an export directory whose graphs are written: the store, the carried checkpoint
@@ -418,7 +391,7 @@ fn finish_contents(
     store: StoreWriter,
     mut names: Vec<String>,
 ) -> Result<Manifest> {
-    if store.finish()?.bytes > 0 {
+    if store.finish()? > 0 {
         names.push(WEIGHTS_FILE.to_string());
     }
     for file in CARRIED_FILES {
@@ -522,8 +495,14 @@ pub fn export(
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    manifest_for(ck, fam, opts.dtype)?;
-    write_with(dir, |tmp| emit_contents(ck, fam, tmp, opts))
+    let manifest = manifest_for(ck, fam, opts.dtype)?;
+    if !matches!(opts.accuracy_level, 0..=4) {
+        return Err(Error::Input(format!(
+            "--accuracy-level {}: MatMulNBits takes 0 to 4 (1: f32, 4: int8 compute)",
+            opts.accuracy_level
+        )));
+    }
+    write_with(dir, |tmp| emit_contents(ck, &manifest, tmp, opts))
 }
 
 /// An export directory checked against its manifest: the graphs exist, parse, and declare the

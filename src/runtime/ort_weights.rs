@@ -56,28 +56,20 @@ pub(crate) struct Binding {
     tensors: Vec<(String, TensorKey)>,
 }
 
-/// The ONNX element types a shared initializer may have (those famc's graphs store).
-fn element_size(data_type: i32) -> Option<usize> {
+/// Bytes per element and ONNX Runtime's type, for the ONNX element types a shared initializer
+/// may have (those famc's graphs store).
+fn element(data_type: i32) -> Option<(usize, ::ort::sys::ONNXTensorElementDataType)> {
+    use ::ort::sys::ONNXTensorElementDataType as T;
     Some(match data_type {
-        1 | 6 => 4,
-        10 | 16 => 2,
-        2 | 3 => 1,
-        7 => 8,
+        1 => (4, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+        6 => (4, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32),
+        7 => (8, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64),
+        10 => (2, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+        16 => (2, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
+        2 => (1, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+        3 => (1, T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8),
         _ => return None,
     })
-}
-
-fn element_type(data_type: i32) -> ::ort::sys::ONNXTensorElementDataType {
-    use ::ort::sys::ONNXTensorElementDataType as T;
-    match data_type {
-        1 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        6 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
-        10 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-        16 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16,
-        2 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-        3 => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-        _ => T::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-    }
 }
 
 /// The shared-store binding for the graph at `path`: every top-level initializer in external
@@ -112,14 +104,12 @@ pub(crate) fn bind(path: &Path) -> Result<Option<Binding>, String> {
             return Ok(None);
         };
         if location.get_or_insert_with(|| loc.to_string()) != loc
-            || loc.is_empty()
-            || loc == "."
-            || loc == ".."
-            || loc.contains(['/', '\\', '\0'])
+            || !crate::io::is_plain_file_name(loc)
+            || loc.contains('\0')
         {
             return Ok(None);
         }
-        let Some(size) = element_size(t.data_type) else {
+        let Some((size, _)) = element(t.data_type) else {
             return Ok(None);
         };
         let numel = t.dims.iter().try_fold(1u64, |acc, &d| {
@@ -191,6 +181,8 @@ impl SharedWeights {
             return Ok(v.clone());
         }
         let (data_type, dims, offset, length) = key;
+        let (_, ty) = element(*data_type)
+            .ok_or_else(|| format!("element type {data_type} cannot be shared"))?;
         let info = MemoryInfo::new(
             AllocationDevice::CPU,
             0,
@@ -209,7 +201,7 @@ impl SharedWeights {
                 *length as usize,
                 dims.as_ptr(),
                 dims.len(),
-                element_type(*data_type),
+                ty,
                 &mut out,
             )
         };

@@ -177,10 +177,7 @@ impl TractRunner {
         }
 
         let threads = opts.intra_threads.unwrap_or_else(default_threads).max(1);
-        let plan_opts = TractRunOptions {
-            executor: executor(threads)?,
-            ..Default::default()
-        };
+        let plan_opts = plan_options(threads)?;
 
         // Where the inputs carry each fixed symbol; symbols no input names are ignored (the
         // same options serve a model's init graph, which has no `T`).
@@ -381,10 +378,19 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// How a plan runs on `threads` threads.
+fn plan_options(threads: usize) -> Result<TractRunOptions> {
+    Ok(TractRunOptions {
+        executor: executor(threads)?,
+        ..Default::default()
+    })
+}
+
 /// The ONNX graph at `path` as tract reads it.
 fn load_inference(path: &Path) -> Result<tract_onnx::prelude::InferenceModel> {
     match widened(path)? {
-        // tract has no bfloat16: such graphs are loaded with those weights widened to f32
+        // tract has no bfloat16 and no 8-bit MatMulNBits: such graphs are loaded with those
+        // weights widened to f32
         Some(bytes) => tract_onnx::onnx().model_for_read(&mut bytes.as_slice()),
         None => tract_onnx::onnx().model_for_path(path),
     }
@@ -401,10 +407,7 @@ fn load_decluttered(path: &Path) -> Result<TypedModel> {
 
 /// `model` optimised with its symbols left symbolic, planned to run on `threads` threads.
 fn symbolic_plan(path: &Path, model: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
-    let plan_opts = TractRunOptions {
-        executor: executor(threads)?,
-        ..Default::default()
-    };
+    let plan_opts = plan_options(threads)?;
     model
         .into_optimized()
         .and_then(|m| m.into_runnable_with_options(&plan_opts))
