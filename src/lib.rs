@@ -21,9 +21,11 @@ pub mod onnx;
 pub mod reference;
 pub mod rng;
 pub mod runtime;
+pub mod serve;
 pub mod session;
 pub mod signal;
 pub mod snapshot;
 pub mod stream;
+pub mod triton;
 
 pub use error::{Error, Result};

@@ -36,6 +36,8 @@ enum Command {
     Generate(Compiled<cli::generate::GenerateArgs>),
     /// Measure prefill and decode throughput, latency per block and peak memory.
     Bench(Compiled<cli::bench::BenchArgs>),
+    /// Serve a model over HTTP with the KServe v2 protocol (Triton's), holding each sequence's state.
+    Serve(Compiled<cli::serve::ServeArgs>),
     /// Compile a checkpoint into ONNX graphs with explicit FAM state (docs/graph-contract.md).
     Export(ExportArgs),
     /// Show the inputs, outputs, ops, weights and FAM parameters of an export or an .onnx file.
@@ -69,6 +71,64 @@ struct ExportArgs {
     /// weights.
     #[arg(long, default_value_t = famc::export::DEFAULT_ACCURACY_LEVEL)]
     accuracy_level: i64,
+    #[command(flatten)]
+    triton: TritonArgs,
+}
+
+/// A Triton Inference Server model repository beside the export (docs/serving.md).
+#[derive(Args)]
+struct TritonArgs {
+    /// Also write a Triton model repository here: the block graph with Triton's sequence
+    /// batcher and implicit state (config.pbtxt, initial state, README).
+    #[arg(long, value_name = "REPO_DIR")]
+    triton: Option<PathBuf>,
+    /// The model's name in the repository.
+    #[arg(long, default_value = "famc", requires = "triton")]
+    triton_model_name: String,
+    /// Triton's max_batch_size: sequences batched into one call.
+    #[arg(long, default_value_t = 8, requires = "triton")]
+    triton_max_batch_size: usize,
+    /// The sequence batcher's strategy.
+    #[arg(long, value_enum, default_value_t = famc::triton::Strategy::Oldest, requires = "triton")]
+    triton_strategy: famc::triton::Strategy,
+    /// oldest: sequences considered for a batch at once.
+    #[arg(long, default_value_t = 64, requires = "triton")]
+    triton_max_candidates: usize,
+    /// oldest: batch sizes Triton prefers (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "triton")]
+    triton_preferred_batch_size: Vec<usize>,
+    /// oldest: microseconds a request may wait for others to join its batch.
+    #[arg(long, default_value_t = 1000, requires = "triton")]
+    triton_queue_delay_us: u64,
+    /// Microseconds after which Triton ends an idle sequence.
+    #[arg(long, default_value_t = 60_000_000, requires = "triton")]
+    triton_idle_us: u64,
+    /// Place the model's instances on the GPU (instance_group KIND_GPU).
+    #[arg(long, requires = "triton")]
+    triton_gpu: bool,
+    /// Model instances.
+    #[arg(long, default_value_t = 1, requires = "triton")]
+    triton_instances: usize,
+    /// Run the graph through TensorRT (ONNX Runtime's accelerator) at this precision.
+    #[arg(long, value_enum, requires = "triton")]
+    triton_tensorrt: Option<famc::triton::TrtPrecision>,
+}
+
+impl TritonArgs {
+    fn options(&self) -> famc::triton::TritonOptions {
+        famc::triton::TritonOptions {
+            model_name: self.triton_model_name.clone(),
+            max_batch_size: self.triton_max_batch_size,
+            strategy: self.triton_strategy,
+            max_candidate_sequences: self.triton_max_candidates,
+            preferred_batch_sizes: self.triton_preferred_batch_size.clone(),
+            max_queue_delay_us: self.triton_queue_delay_us,
+            max_sequence_idle_us: self.triton_idle_us,
+            gpu: self.triton_gpu,
+            instances: self.triton_instances,
+            tensorrt: self.triton_tensorrt,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -366,6 +426,9 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn export(args: ExportArgs) -> Result<()> {
+    if args.triton.triton.is_some() {
+        famc::triton::check_options(&args.triton.options())?;
+    }
     let ck = Checkpoint::load(&args.model)?;
     let fam = ck.fam_params(args.fam.into())?;
     note_zero_prompt(&ck, &fam);
@@ -384,6 +447,17 @@ fn export(args: ExportArgs) -> Result<()> {
         fam.mem_blocks,
         m.state.len()
     );
+    if let Some(repo) = &args.triton.triton {
+        let t = args.triton.options();
+        famc::triton::write_repository(&args.out, repo, &t)?;
+        eprintln!(
+            "wrote the Triton model repository {} (model `{}`, {:?} sequence batching, max_batch_size {})",
+            repo.display(),
+            t.model_name,
+            t.strategy,
+            t.max_batch_size
+        );
+    }
     Ok(())
 }
 
@@ -481,6 +555,7 @@ fn main() -> ExitCode {
         Command::Score(c) => c.run("score", cli::score::score),
         Command::Generate(c) => c.run("generate", cli::generate::run),
         Command::Bench(c) => c.run("bench", cli::bench::run),
+        Command::Serve(c) => c.run("serve", cli::serve::run),
         Command::Export(a) => export(a),
         Command::Inspect(a) => inspect(a),
         Command::Doctor(a) => doctor(a),

@@ -10,6 +10,50 @@ use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams};
 use crate::runtime::{open_graph, BackendKind, GraphRunner, OutputTo, RunOptions, Tensor, Value};
 
+/// Each state tensor's value at block 0 (without the batch dimension), in the order of the
+/// manifest's `state` list: the init graph's FAM rows, zeros for memory.
+pub fn initial_state(
+    export: &ExportDir,
+    backend: BackendKind,
+    opts: &RunOptions,
+) -> Result<Vec<ArrayD<f32>>> {
+    let manifest = &export.manifest;
+    let mut init_outputs = Vec::new();
+    if let Some(init_path) = export.init_path() {
+        let mut init = open_graph(backend, &init_path, opts)?;
+        let outs = init.run(Vec::new())?;
+        init_outputs = init.output_names().iter().cloned().zip(outs).collect();
+    }
+    let mut initial = Vec::with_capacity(manifest.state.len());
+    for st in &manifest.state {
+        let value = match &st.init {
+            Some(name) => {
+                let (_, v) = init_outputs
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| Error::Export {
+                        dir: export.dir.clone(),
+                        message: format!("the init graph has no output `{name}`"),
+                    })?;
+                if v.shape() != st.shape.as_slice() {
+                    return Err(Error::Export {
+                        dir: export.dir.clone(),
+                        message: format!(
+                            "init output `{name}` has shape {:?}, famc.json says {:?}",
+                            v.shape(),
+                            st.shape
+                        ),
+                    });
+                }
+                v.clone()
+            }
+            None => ArrayD::zeros(IxDyn(&st.shape)),
+        };
+        initial.push(value);
+    }
+    Ok(initial)
+}
+
 /// One stream's state between blocks: the block index and each state tensor of the manifest.
 ///
 /// The tensors stay where the backend left them (ONNX Runtime values, on the GPU for a GPU
@@ -264,39 +308,7 @@ impl FamModel {
             .with_fixed_dim("batch", 1)
             .with_fixed_dim("T", manifest.fam.block_len);
         let block = open_graph(backend, &export.block_path(), &block_opts)?;
-        let mut init_outputs = Vec::new();
-        if let Some(init_path) = export.init_path() {
-            let mut init = open_graph(backend, &init_path, opts)?;
-            let outs = init.run(Vec::new())?;
-            init_outputs = init.output_names().iter().cloned().zip(outs).collect();
-        }
-        let mut initial = Vec::with_capacity(manifest.state.len());
-        for st in &manifest.state {
-            let value = match &st.init {
-                Some(name) => {
-                    let (_, v) = init_outputs
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .ok_or_else(|| Error::Export {
-                            dir: export.dir.clone(),
-                            message: format!("the init graph has no output `{name}`"),
-                        })?;
-                    if v.shape() != st.shape.as_slice() {
-                        return Err(Error::Export {
-                            dir: export.dir.clone(),
-                            message: format!(
-                                "init output `{name}` has shape {:?}, famc.json says {:?}",
-                                v.shape(),
-                                st.shape
-                            ),
-                        });
-                    }
-                    v.clone()
-                }
-                None => ArrayD::zeros(IxDyn(&st.shape)),
-            };
-            initial.push(value);
-        }
+        let initial = initial_state(&export, backend, opts)?;
         Ok(FamModel {
             manifest,
             backend,

@@ -79,6 +79,19 @@ fn remove_all() -> usize {
         .count()
 }
 
+type Hook = Box<dyn FnOnce() + Send>;
+
+fn shutdown_hook() -> &'static Mutex<Option<Hook>> {
+    static HOOK: OnceLock<Mutex<Option<Hook>>> = OnceLock::new();
+    HOOK.get_or_init(Default::default)
+}
+
+/// Makes the next SIGINT or SIGTERM call `hook` (a server's graceful shutdown) instead of
+/// exiting; the one after that exits as usual.
+pub fn on_next_signal(hook: impl FnOnce() + Send + 'static) {
+    *shutdown_hook().lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(hook));
+}
+
 /// Handles SIGINT and SIGTERM on a thread of their own: temporaries removed, a message on
 /// stderr, exit status 128 + the signal's number. Idempotent.
 pub fn install() -> Result<()> {
@@ -91,10 +104,16 @@ pub fn install() -> Result<()> {
             std::thread::Builder::new()
                 .name("famc-signals".into())
                 .spawn(move || {
-                    if let Some(sig) = signals.forever().next() {
+                    for sig in signals.forever() {
+                        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        let hook = shutdown_hook().lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(hook) = hook {
+                            eprintln!("famc: {name}: finishing the requests in flight, then stopping (again to stop at once)");
+                            hook();
+                            continue;
+                        }
                         INTERRUPTED.store(sig, Ordering::SeqCst);
                         let removed = remove_all();
-                        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                         let what = if removed == 0 {
                             String::new()
                         } else {

@@ -315,7 +315,8 @@ fn check_name(name: &str) -> Result<(), BuildError> {
     })
 }
 
-fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> onnx::ValueInfoProto {
+/// A graph input or output of `dtype`, with `shape` when known.
+pub fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> onnx::ValueInfoProto {
     use onnx::tensor_shape_proto::{dimension, Dimension};
     let shape = shape.map(|dims| onnx::TensorShapeProto {
         dim: dims

@@ -6,3 +6,4 @@ pub mod out;
 pub mod bench;
 pub mod generate;
 pub mod score;
+pub mod serve;

@@ -16,6 +16,7 @@ use crate::onnx::{self, DEFAULT_OPSET};
 const MASKED: f32 = -1e9;
 
 pub mod quant;
+pub mod triton;
 
 /// Names of graph inputs and outputs (docs/graph-contract.md).
 pub mod names {

@@ -247,6 +247,17 @@ fn stamp(model: &mut onnx::ModelProto, m: &Manifest) {
 /// error while the first runs. `dir` may be missing, empty, or an earlier export; anything else
 /// is refused untouched.
 fn write_with(dir: &Path, contents: impl FnOnce(&Path) -> Result<Manifest>) -> Result<Manifest> {
+    write_dir_with(dir, MANIFEST_FILE, "export", contents)
+}
+
+/// [`write_with`] for any directory famc writes whole: `marker` is the file that identifies an
+/// earlier one it may replace, `what` what it is (`export`, `Triton repository`).
+pub(crate) fn write_dir_with<T>(
+    dir: &Path,
+    marker: &str,
+    what: &str,
+    contents: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let err = |message: String| Error::Export {
         dir: dir.to_path_buf(),
         message,
@@ -275,7 +286,7 @@ fn write_with(dir: &Path, contents: impl FnOnce(&Path) -> Result<Manifest>) -> R
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             return Err(err(format!(
-                "another famc export into this directory is running (it holds {}); wait for it or export elsewhere",
+                "another famc {what} into this directory is being written (it holds {}); wait for it or write elsewhere",
                 lock_path.display()
             )))
         }
@@ -289,24 +300,26 @@ fn write_with(dir: &Path, contents: impl FnOnce(&Path) -> Result<Manifest>) -> R
         let now = std::fs::metadata(&lock_path).ok();
         if now.is_none_or(|m| (m.dev(), m.ino()) != (ours.dev(), ours.ino())) {
             return Err(err(format!(
-                "another famc export into this directory is running (it replaced {}); wait for it or export elsewhere",
+                "another famc {what} into this directory is being written (it replaced {}); wait for it or write elsewhere",
                 lock_path.display()
             )));
         }
     }
     let _lock_guard = crate::signal::register(&lock_path);
-    let result = write_locked(dir, &parent, name, contents);
+    let result = write_locked(dir, &parent, name, marker, what, contents);
     let _ = std::fs::remove_file(&lock_path);
     drop(lock);
     result
 }
 
-fn write_locked(
+fn write_locked<T>(
     dir: &Path,
     parent: &Path,
     name: &str,
-    contents: impl FnOnce(&Path) -> Result<Manifest>,
-) -> Result<Manifest> {
+    marker: &str,
+    what: &str,
+    contents: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let err = |message: String| Error::Export {
         dir: dir.to_path_buf(),
         message,
@@ -316,9 +329,9 @@ fn write_locked(
         Ok(m) if !m.is_dir() => return Err(err("exists and is not a directory".into())),
         Ok(_) => {
             let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-            if !dir.join(MANIFEST_FILE).is_file() && entries.next().is_some() {
+            if !dir.join(marker).is_file() && entries.next().is_some() {
                 return Err(err(format!(
-                    "exists and is not a famc export (no {MANIFEST_FILE}); famc export replaces only an earlier export or an empty directory"
+                    "exists and is not a famc {what} (no {marker}); famc replaces only an earlier {what} or an empty directory"
                 )));
             }
         }
@@ -336,7 +349,7 @@ fn write_locked(
     crate::io::sync_dir(tmp.path());
     replace_dir(tmp.path(), dir).map_err(|e| {
         err(format!(
-            "cannot move the new export into place from {}: {e}",
+            "cannot move the new {what} into place from {}: {e}",
             tmp.path().display()
         ))
     })?;
