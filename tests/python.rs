@@ -17,31 +17,11 @@ use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
 
 fn python() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("FAMC_PYTHON").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")),
-    ];
-    for p in candidates.into_iter().flatten() {
-        let ok = Command::new(&p)
-            .args(["-c", "import onnx, onnxruntime, numpy"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    assert!(
-        std::env::var_os("FAMC_REQUIRE_PYTHON").is_none(),
-        "FAMC_REQUIRE_PYTHON is set but no Python with onnx, onnxruntime and numpy was found"
-    );
-    eprintln!("skipping: no Python with onnx, onnxruntime and numpy (run scripts/setup-python.sh)");
-    None
+    common::python_with("onnx, onnxruntime, numpy")
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("export")
-        .join(name)
+    common::export_script(name)
 }
 
 fn run_python(py: &Path, args: &[&std::ffi::OsStr]) -> String {

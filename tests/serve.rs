@@ -21,36 +21,11 @@ use serde_json::{json, Value};
 const FAM: [&str; 6] = ["--block-len", "4", "--fam-len", "2", "--mem-blocks", "2"];
 
 fn python() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("FAMC_PYTHON").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")),
-    ];
-    for p in candidates.into_iter().flatten() {
-        let ok = Command::new(&p)
-            .args([
-                "-c",
-                "import onnxruntime, numpy, tritonclient.http, tritonclient.grpc.model_config_pb2",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    assert!(
-        std::env::var_os("FAMC_REQUIRE_PYTHON").is_none(),
-        "FAMC_REQUIRE_PYTHON is set but no Python with onnxruntime, numpy and tritonclient was found"
-    );
-    eprintln!("skipping: no Python with tritonclient (run scripts/setup-python.sh)");
-    None
+    common::python_with("onnxruntime, numpy, tritonclient.http, tritonclient.grpc.model_config_pb2")
 }
 
 fn script(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("export")
-        .join(name)
-        .display()
-        .to_string()
+    common::export_script(name).display().to_string()
 }
 
 /// A checkpoint with a learned FAM prompt, GQA (4 query / 2 kv heads), vocabulary 40.

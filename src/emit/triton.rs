@@ -113,20 +113,14 @@ pub fn sequence_graph(
         .graph
         .as_mut()
         .ok_or_else(|| bad("it has no graph".into()))?;
-    let take_input = |g: &mut onnx::GraphProto, name: &str| {
-        g.input
-            .iter()
+    let take = |list: &mut Vec<onnx::ValueInfoProto>, what: &str, name: &str| {
+        list.iter()
             .position(|i| i.name == name)
-            .map(|p| g.input.remove(p))
-            .ok_or_else(|| bad(format!("no input `{name}`")))
+            .map(|p| list.remove(p))
+            .ok_or_else(|| bad(format!("no {what} `{name}`")))
     };
-    let take_output = |g: &mut onnx::GraphProto, name: &str| {
-        g.output
-            .iter()
-            .position(|i| i.name == name)
-            .map(|p| g.output.remove(p))
-            .ok_or_else(|| bad(format!("no output `{name}`")))
-    };
+    let take_input = |g: &mut onnx::GraphProto, name: &str| take(&mut g.input, "input", name);
+    let take_output = |g: &mut onnx::GraphProto, name: &str| take(&mut g.output, "output", name);
     let mut ids = take_input(g, names::INPUT_IDS)?;
     fix_dim(&mut ids, 1, l_len);
     take_input(g, names::BLOCK_INDEX)?;

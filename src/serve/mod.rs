@@ -413,6 +413,37 @@ async fn parse_json(app: &App, body: Body) -> Result<JsonValue, ApiError> {
         .map_err(|e| ApiError::bad(format!("the request body is not JSON: {e}")))
 }
 
+/// The JSON body and token ids of a generate/score request to model `name`.
+async fn text_request(
+    app: &App,
+    name: &str,
+    body: Body,
+) -> Result<(JsonValue, Vec<u32>), ApiError> {
+    app.check_model(name)?;
+    let body = parse_json(app, body).await?;
+    app.requests.fetch_add(1, Ordering::Relaxed);
+    let ids = request_ids(app, &body)?;
+    Ok((body, ids))
+}
+
+/// Runs `f` on the model off the HTTP threads (generation and scoring run whole requests).
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    what: &str,
+    f: impl FnOnce(&FamModel) -> Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let model = app.model.clone();
+    tokio::task::spawn_blocking(move || f(&model))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{what} panicked"),
+            )
+        })?
+        .map_err(internal)
+}
+
 /// Triton's generate extension: `{"text_input": …, "parameters": {"max_tokens": N, …}}` gives
 /// `{"text_output": …}`; `input_ids` instead of text gives `output_ids` too.
 async fn generate_text(
@@ -420,10 +451,7 @@ async fn generate_text(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Json<JsonValue>, ApiError> {
-    app.check_model(&name)?;
-    let body = parse_json(&app, body).await?;
-    app.requests.fetch_add(1, Ordering::Relaxed);
-    let prompt = request_ids(&app, &body)?;
+    let (body, prompt) = text_request(&app, &name, body).await?;
     let max_new = number_param(&body, "max_tokens")?.unwrap_or(16.0);
     if !(0.0..=app.opts.max_tokens as f64).contains(&max_new) || max_new.fract() != 0.0 {
         return Err(ApiError::bad(format!(
@@ -451,14 +479,11 @@ async fn generate_text(
             app.eos.clone()
         },
     };
-    let worker = app.clone();
-    let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>> {
-        let mut decoder = FamDecoder::new(&worker.model)?;
+    let tokens = blocking(&app, "generation", move |model| -> Result<Vec<u32>> {
+        let mut decoder = FamDecoder::new(model)?;
         generate(&mut decoder, &prompt, &options)?.collect()
     })
-    .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "generation panicked"))?
-    .map_err(internal)?;
+    .await?;
     let mut out = json!({ "model_name": app.opts.model_name, "output_ids": tokens });
     if let Some(tok) = &app.tokenizer {
         out["text_output"] = json!(tok.decode(&tokens).map_err(internal)?);
@@ -473,19 +498,13 @@ async fn score(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Json<JsonValue>, ApiError> {
-    app.check_model(&name)?;
-    let body = parse_json(&app, body).await?;
-    app.requests.fetch_add(1, Ordering::Relaxed);
-    let ids = request_ids(&app, &body)?;
-    let worker = app.clone();
-    let stats = tokio::task::spawn_blocking(move || {
-        let mut scorer = Scorer::new(&worker.model);
+    let (_, ids) = text_request(&app, &name, body).await?;
+    let stats = blocking(&app, "scoring", move |model| {
+        let mut scorer = Scorer::new(model);
         scorer.push(&ids)?;
         scorer.totals()
     })
-    .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "scoring panicked"))?
-    .map_err(internal)?;
+    .await?;
     Ok(Json(json!({
         "model_name": app.opts.model_name,
         "tokens": stats.tokens,

@@ -444,3 +444,34 @@ pub fn assert_clean_failure(o: &std::process::Output, needle: &str) {
     );
     assert!(err.contains(needle), "`{needle}` not in: {err}");
 }
+
+/// The Python of .venv (or FAMC_PYTHON) when it imports `modules` (a comma-separated list);
+/// `None` (the test skips) when there is none, unless FAMC_REQUIRE_PYTHON is set.
+pub fn python_with(modules: &str) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("FAMC_PYTHON").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")),
+    ];
+    for p in candidates.into_iter().flatten() {
+        let ok = std::process::Command::new(&p)
+            .args(["-c", &format!("import {modules}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(p);
+        }
+    }
+    assert!(
+        std::env::var_os("FAMC_REQUIRE_PYTHON").is_none(),
+        "FAMC_REQUIRE_PYTHON is set but no Python with {modules} was found"
+    );
+    eprintln!("skipping: no Python with {modules} (run scripts/setup-python.sh)");
+    None
+}
+
+/// A script of `export/`.
+pub fn export_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("export")
+        .join(name)
+}
