@@ -439,16 +439,17 @@ fn non_finite_logits_are_an_error() {
 
 // ---- 3. no panics ------------------------------------------------------------------------------
 
-/// Runs `args` with standard output a pipe whose reader has already gone.
+/// Runs `args` with standard output a pipe whose reader is gone before the child starts, so that
+/// even a first, small write fails.
 fn with_closed_stdout(args: &[&str]) -> Output {
-    let mut child = Command::new(famc_bin())
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(famc_bin())
         .args(args)
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(writer))
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    child.wait_with_output().unwrap()
+        .output()
+        .unwrap()
 }
 
 #[test]
