@@ -232,6 +232,11 @@ struct LayerState {
 impl<'m> FamDecoder<'m> {
     /// A new stream on `model` (its decode graphs are opened on the first decoder of the model).
     pub fn new(model: &'m FamModel) -> Result<Self> {
+        Self::from_state(model, model.new_state())
+    }
+
+    /// A stream on `model` that resumes at a block boundary from `state` (e.g. a snapshot's).
+    pub fn from_state(model: &'m FamModel, state: StreamState) -> Result<Self> {
         let m = model.manifest();
         let dir = model.export_dir();
         let graphs = model.decode_graphs()?;
@@ -260,7 +265,7 @@ impl<'m> FamDecoder<'m> {
         Ok(FamDecoder {
             model,
             graphs,
-            state: model.new_state(),
+            state,
             block: Vec::new(),
             fam_kv_values: None,
             cache: Some(
@@ -322,6 +327,11 @@ impl<'m> FamDecoder<'m> {
                 m.model.vocab_size
             )));
         }
+        crate::session::check_position(
+            0,
+            self.state.block_index(),
+            self.model.fam_params().block_len,
+        )?;
         if self.graphs.fam_kv.is_some() && self.fam_kv_values.is_none() {
             self.refresh_fam_kv()?;
         }

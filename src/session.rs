@@ -7,7 +7,7 @@ use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
-use crate::model::{Checkpoint, FamParams};
+use crate::model::{Checkpoint, FamParams, MAX_POSITION};
 use crate::runtime::{open_graph, BackendKind, GraphRunner, OutputTo, RunOptions, Tensor, Value};
 
 /// Each state tensor's value at block 0 (without the batch dimension), in the order of the
@@ -492,6 +492,9 @@ impl FamModel {
                 blocks.iter().map(|b| b.len()).collect::<Vec<_>>()
             )));
         }
+        for (s, &tau) in block_indices.iter().enumerate() {
+            check_position(s, tau, l_len)?;
+        }
         let batch = blocks.len();
         let mut ids = Vec::with_capacity(batch * t);
         for (s, block) in blocks.iter().enumerate() {
@@ -631,5 +634,19 @@ impl FamModel {
         }
         let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
         concatenate(Axis(0), &views).map_err(|_| Error::Input("no token ids".into()))
+    }
+}
+
+/// Refuses block `tau` of stream `stream` when its last position reaches [`MAX_POSITION`], past
+/// which the graphs' rotary angles are no longer exact.
+pub(crate) fn check_position(stream: usize, tau: usize, block_len: usize) -> Result<()> {
+    let end = (tau as u64)
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(block_len as u64));
+    match end {
+        Some(end) if end <= MAX_POSITION => Ok(()),
+        _ => Err(Error::Input(format!(
+            "stream {stream}: block {tau} (block length {block_len}) reaches past position 2^36 = {MAX_POSITION}, the last one famc's rotary embedding computes exactly"
+        ))),
     }
 }

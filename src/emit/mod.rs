@@ -15,6 +15,11 @@ use crate::onnx::{self, DEFAULT_OPSET};
 /// Additive mask value for hidden keys: finite, so no row ever turns into NaN.
 const MASKED: f32 = -1e9;
 
+/// One turn of a rotary angle in the fixed point of `Emitter::rope_tables`: 2^52.
+const TURN: i64 = 1 << 52;
+/// Width of the limbs `Emitter::rope_tables` splits each frequency into.
+const LIMB_BITS: u32 = 26;
+
 pub mod quant;
 pub mod triton;
 
@@ -319,22 +324,58 @@ impl<'a> Emitter<'a> {
         })
     }
 
-    /// cos/sin tables for float positions [B, Q].
+    /// cos/sin tables for integer positions [B, Q], exact at any position below
+    /// [`MAX_POSITION`](crate::model::MAX_POSITION): each angle p·θ_j is reduced modulo one turn in int64 arithmetic before
+    /// it becomes an f32, so the angle's error stays about 1e-6 rad instead of growing with p
+    /// (p·θ_j formed in f32 is off by 0.06 rad at p = 10^6).
+    ///
+    /// With V_j = round(2^52·θ_j / 2π) = hi_j·2^26 + lo_j, the angle in turns is
+    /// (|p|·V_j mod 2^52) / 2^52, computed as ((|p|·hi_j mod 2^26)·2^26 + (|p|·lo_j mod 2^52))
+    /// mod 2^52: every product stays below 2^63 while |p| < 2^37. A negative position negates
+    /// the sine.
     fn rope_tables(&self, b: &mut GraphBuilder, positions: &Value) -> Rope {
         b.scoped("rope", |b| {
             let dh = self.cfg().head_dim;
             let theta = self.cfg().rope_theta;
-            let inv_freq: Vec<f32> = (0..dh / 2)
-                .map(|j| (1.0 / theta.powf(2.0 * j as f64 / dh as f64)) as f32)
-                .collect();
-            let inv = b.const_f32(&inv_freq, &[(dh / 2) as i64]);
-            let pos = b.unsqueeze(positions, &[-1]);
-            let angles = b.mul(&pos, &inv);
+            let (hi, lo): (Vec<i64>, Vec<i64>) = (0..dh / 2)
+                .map(|j| {
+                    let inv_freq = theta.powf(-2.0 * j as f64 / dh as f64);
+                    let v = (inv_freq / std::f64::consts::TAU * TURN as f64).round() as i64;
+                    (v >> LIMB_BITS, v & ((1 << LIMB_BITS) - 1))
+                })
+                .unzip();
+            let half = (dh / 2) as i64;
+            let hi = b.const_i64(&hi, &[half]);
+            let lo = b.const_i64(&lo, &[half]);
+            let pos = b.unsqueeze(positions, &[-1]); // [B, Q, 1]
+            let abs = b.op("Abs", &[&pos], vec![], DType::I64);
+            let limb = b.scalar_i64(1 << LIMB_BITS);
+            let turn = b.scalar_i64(TURN);
+            let modulo = |b: &mut GraphBuilder, x: &Value, m: &Value| {
+                let q = b.div(x, m);
+                let qm = b.mul(&q, m);
+                b.sub(x, &qm)
+            };
+            let h = b.mul(&abs, &hi);
+            let h = modulo(b, &h, &limb);
+            let h = b.mul(&h, &limb);
+            let l = b.mul(&abs, &lo);
+            let l = modulo(b, &l, &turn);
+            let r = b.add(&h, &l);
+            let r = modulo(b, &r, &turn); // [B, Q, Dh/2], in 2^-52 turns
+            let r = b.cast(&r, DType::F32);
+            let scale = b.scalar_f32((std::f64::consts::TAU / TURN as f64) as f32);
+            let angles = b.mul(&r, &scale);
             let emb = b.concat(&[&angles, &angles], -1);
             let emb = b.unsqueeze(&emb, &[1]);
+            let zero = b.scalar_i64(0);
+            let negative = b.less(positions, &zero);
+            let negative = b.unsqueeze(&negative, &[1, 3]); // [B, 1, Q, 1]
+            let sin = b.sin(&emb);
+            let neg_sin = b.neg(&sin);
             Rope {
                 cos: b.cos(&emb),
-                sin: b.sin(&emb),
+                sin: b.where_(&negative, &neg_sin, &sin),
             }
         })
     }
@@ -626,8 +667,7 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         let first_pos = b.sub(&start, &f_c);
         let first_pos = b.unsqueeze(&first_pos, &[1]); // [B, 1]
         let pos_i = b.add(&first_pos, &rows); // [B, Q]
-        let pos = b.cast(&pos_i, DType::F32);
-        let rope = em.rope_tables(b, &pos);
+        let rope = em.rope_tables(b, &pos_i);
 
         // self part: row i sees row j when i < F (a FAM row) or j <= i, the latter written as
         // pos_j <= pos_i on the [B, Q] positions: tract mis-evaluates masks that depend on T alone.
@@ -781,8 +821,8 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         "fam_init",
         TensorData::from_f32(&prompt, &[1, f as i64, d as i64]),
     )?;
-    let positions: Vec<f32> = (0..f).map(|i| i as f32 - f as f32).collect();
-    let pos = b.const_f32(&positions, &[1, f as i64]);
+    let positions: Vec<i64> = (0..f as i64).map(|i| i - f as i64).collect();
+    let pos = b.const_i64(&positions, &[1, f as i64]);
     let rope = b.scoped("init", |b| em.rope_tables(b, &pos));
     for (l, lw) in w.layers.iter().enumerate() {
         let out = b.squeeze(&cur, &[0]);
@@ -825,7 +865,6 @@ pub fn fam_kv_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         let offsets: Vec<i64> = (0..f as i64).map(|i| i - f as i64).collect();
         let offsets = b.const_i64(&offsets, &[1, f as i64]);
         let pos = b.add(&start, &offsets);
-        let pos = b.cast(&pos, DType::F32);
         em.rope_tables(b, &pos)
     });
     let shape = vec![sym(BATCH), fixed(hkv), fixed(f), fixed(dh)];
@@ -888,8 +927,7 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         let tau = b.div(&position, &l_c); // [B]
         let start = b.mul(&tau, &l_c);
         let in_block = b.sub(&position, &start); // [B]
-        let pos = b.unsqueeze(&position, &[1]);
-        let pos = b.cast(&pos, DType::F32); // [B, 1]
+        let pos = b.unsqueeze(&position, &[1]); // [B, 1]
         let rope = em.rope_tables(b, &pos);
         let slots: Vec<i64> = (0..l_len as i64).collect();
         let slots = b.const_i64(&slots, &[1, l_len as i64]);

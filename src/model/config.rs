@@ -283,6 +283,11 @@ pub struct FamParams {
     pub mem_blocks: usize,
 }
 
+/// Positions at or past this are refused: the graphs' rotary angles are reduced in int64 fixed
+/// point (2^-52 turns) whose products stay below 2^63 only while |p| < 2^37, and at 2^36 the
+/// rounding of each frequency to 2^-52 turns is worth 1e-4 rad.
+pub const MAX_POSITION: u64 = 1 << 36;
+
 impl FamParams {
     /// The paper's defaults: L = 1024, F = 64, M = 3.
     pub const PAPER: FamParams = FamParams {

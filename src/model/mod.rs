@@ -6,7 +6,7 @@ mod weights;
 
 pub use config::{
     config_path, eos_token_ids, Biases, FamDefaults, FamParams, ModelConfig, RawConfig,
-    CONFIG_LIMITS, FAM_LIMITS,
+    CONFIG_LIMITS, FAM_LIMITS, MAX_POSITION,
 };
 pub use weights::{TensorStore, WeightLoader};
 
