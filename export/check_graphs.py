@@ -11,6 +11,9 @@ import onnx
 from onnx import shape_inference
 
 FORBIDDEN_OPS = {"If", "Loop", "Scan"}
+# famc's targets: the default domain's opset and the IR version each declares (ONNX Runtime 1.31
+# loads IR 10 to 12).
+TARGETS = {17: 10, 23: 11}
 
 
 def graphs_of(path):
@@ -27,7 +30,9 @@ def check(path):
     onnx.checker.check_model(path, full_check=True)
     model = onnx.load(path)
     shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    assert model.ir_version <= 10, f"ir_version {model.ir_version} > 10 (ONNX Runtime 1.31 refuses it)"
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset in TARGETS, f"opset {opset} is none of famc's targets {sorted(TARGETS)}"
+    assert model.ir_version == TARGETS[opset], f"ir_version {model.ir_version} with opset {opset} (want {TARGETS[opset]})"
     g = model.graph
     ops = {n.op_type for n in g.node}
     bad = ops & FORBIDDEN_OPS

@@ -8,13 +8,13 @@ cd "$(dirname "$0")/.."
 cargo build -q
 famc=target/debug/famc
 ckpt=tests/data/hf-llama-tiny
-# name L F M
-cases=("tiny-fam 16 4 2" "tiny-bswa 16 0 1")
+# name L F M target
+cases=("tiny-fam 16 4 2 opset17" "tiny-bswa 16 0 1 opset17" "tiny-fam-opset23 16 4 2 opset23")
 for c in "${cases[@]}"; do
-  read -r name l f m <<<"$c"
+  read -r name l f m target <<<"$c"
   out=graphs/$name
   rm -rf "$out"
-  $famc export "$ckpt" --block-len "$l" --fam-len "$f" --mem-blocks "$m" --out "$out"
+  $famc export "$ckpt" --block-len "$l" --fam-len "$f" --mem-blocks "$m" --target "$target" --out "$out"
   for g in "$out"/*.onnx; do
     $famc inspect "$g" --nodes >"${g%.onnx}.txt"
   done

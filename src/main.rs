@@ -71,6 +71,10 @@ struct ExportArgs {
     /// weights.
     #[arg(long, default_value_t = famc::export::DEFAULT_ACCURACY_LEVEL)]
     accuracy_level: i64,
+    /// The ONNX dialect: opset17 (primitives, any runtime) or opset23 (fused Attention,
+    /// RMSNormalization and RotaryEmbedding; ONNX Runtime 1.31, tract ≥ 0.23, TensorRT ≥ 10.15).
+    #[arg(long, value_enum, default_value_t = famc::onnx::Target::default())]
+    target: famc::onnx::Target,
     #[command(flatten)]
     triton: TritonArgs,
 }
@@ -436,6 +440,7 @@ fn export(args: ExportArgs) -> Result<()> {
         external_threshold: args.external_threshold,
         dtype: args.dtype.parse()?,
         accuracy_level: args.accuracy_level,
+        target: args.target,
     };
     let m = famc::export::export(&ck, fam, &args.out, &opts)?;
     eprintln!(

@@ -8,6 +8,7 @@ use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams, MAX_POSITION};
+use crate::onnx::Target;
 use crate::runtime::{open_graph, BackendKind, GraphRunner, OutputTo, RunOptions, Tensor, Value};
 
 /// Each state tensor's value at block 0 (without the batch dimension), in the order of the
@@ -236,14 +237,25 @@ impl FamModel {
         Self::from_export(export, backend, opts, None)
     }
 
-    /// Compiles a checkpoint into a temporary export and opens it.
+    /// Compiles a checkpoint into a temporary export for [`best_target`] and opens it.
     pub fn compile(
         ck: &Checkpoint,
         fam: FamParams,
         backend: BackendKind,
         opts: &RunOptions,
     ) -> Result<Self> {
-        let (export, temp) = Self::export_to_temp(ck, fam)?;
+        Self::compile_for(ck, fam, best_target(backend, opts), backend, opts)
+    }
+
+    /// Compiles a checkpoint into a temporary export for `target` and opens it.
+    pub fn compile_for(
+        ck: &Checkpoint,
+        fam: FamParams,
+        target: Target,
+        backend: BackendKind,
+        opts: &RunOptions,
+    ) -> Result<Self> {
+        let (export, temp) = Self::export_to_temp(ck, fam, target)?;
         Self::from_export(export, backend, opts, Some(temp))
     }
 
@@ -251,11 +263,16 @@ impl FamModel {
     fn export_to_temp(
         ck: &Checkpoint,
         fam: FamParams,
+        target: Target,
     ) -> Result<(ExportDir, (tempfile::TempDir, crate::signal::TempGuard))> {
         let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let guard = crate::signal::register(tmp.path());
         let dir = tmp.path().join("export");
-        export::export(ck, fam, &dir, &export::ExportOptions::default())?;
+        let opts = export::ExportOptions {
+            target,
+            ..Default::default()
+        };
+        export::export(ck, fam, &dir, &opts)?;
         Ok((ExportDir::open(&dir)?, (tmp, guard)))
     }
 
@@ -288,7 +305,7 @@ impl FamModel {
         } else {
             let ck = Checkpoint::load(path)?;
             let fam = ck.fam_params(flags)?;
-            let (export, temp) = Self::export_to_temp(&ck, fam)?;
+            let (export, temp) = Self::export_to_temp(&ck, fam, best_target(backend, opts))?;
             // the runtime loads the weights from the export: the checkpoint's copy can go
             drop(ck);
             Self::from_export(export, backend, opts, Some(temp))
@@ -634,6 +651,17 @@ impl FamModel {
         }
         let views: Vec<_> = rows.iter().map(|r| r.view()).collect();
         concatenate(Axis(0), &views).map_err(|_| Error::Input("no token ids".into()))
+    }
+}
+
+/// The target an in-memory compile emits for `backend` with `opts`: the faster of the two where
+/// both were measured side by side (docs/BENCHMARKS.md, "Targets": opset 23 on ONNX Runtime's CPU
+/// provider, opset 17 on tract), and the portable opset 17 on the GPU providers, where no
+/// comparison has run (TensorRT parses opset 23 only from 10.15).
+pub fn best_target(backend: BackendKind, opts: &RunOptions) -> Target {
+    match (backend, opts.ep.kind) {
+        (BackendKind::Ort, crate::runtime::EpKind::Cpu) => Target::Opset23,
+        _ => Target::Opset17,
     }
 }
 

@@ -332,15 +332,17 @@ fn an_edited_manifest_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     assert!(export_tiny(&a, "16").status.success());
-    let edits: [(&str, serde_json::Value, &str); 5] = [
+    let edits: [(&str, serde_json::Value, &str); 7] = [
         ("block_len", 8.into(), "fam.block_len"),
         ("mem_blocks", 1.into(), "fam.mem_blocks"),
         ("fam_len", 3.into(), "fam"),
         ("dtype", "f16".into(), "dtype"),
         ("checkpoint_sha256", "00".into(), "checkpoint_sha256"),
+        ("target", "opset23".into(), "target opset23 with opset 17"),
+        ("target", "opset99".into(), "opset99"),
     ];
-    for (field, value, needle) in edits {
-        let d = tmp.path().join(field);
+    for (i, (field, value, needle)) in edits.into_iter().enumerate() {
+        let d = tmp.path().join(format!("{i}-{field}"));
         copy_dir(&a, &d);
         let path = d.join("famc.json");
         let mut m: serde_json::Value =

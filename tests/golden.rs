@@ -9,6 +9,7 @@ use common::*;
 use famc::builder::encode_model;
 use famc::export;
 use famc::model::{Checkpoint, FamParams};
+use famc::onnx::Target;
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
 
@@ -20,10 +21,10 @@ fn case_dir(name: &str) -> PathBuf {
 
 const HINT: &str = "emission changed; if intended, run graphs/regen.sh and review the .txt diffs";
 
-fn check_golden(name: &str, p: FamParams) {
+fn check_golden(name: &str, p: FamParams, target: Target) {
     let dir = case_dir(name);
     let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
-    let compiled = export::compile(&ck, p, export::WeightDtype::F32).unwrap();
+    let compiled = export::compile(&ck, p, export::WeightDtype::F32, target).unwrap();
     for (file, g) in compiled.graphs() {
         assert!(
             encode_model(g) == std::fs::read(dir.join(file)).unwrap(),
@@ -87,6 +88,20 @@ fn tiny_fam_golden() {
             fam_len: 4,
             mem_blocks: 2,
         },
+        Target::Opset17,
+    );
+}
+
+#[test]
+fn tiny_fam_opset23_golden() {
+    check_golden(
+        "tiny-fam-opset23",
+        FamParams {
+            block_len: 16,
+            fam_len: 4,
+            mem_blocks: 2,
+        },
+        Target::Opset23,
     );
 }
 
@@ -99,5 +114,6 @@ fn tiny_bswa_golden() {
             fam_len: 0,
             mem_blocks: 1,
         },
+        Target::Opset17,
     );
 }

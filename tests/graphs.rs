@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use famc::export::{self, ExportOptions};
 use famc::model::{Checkpoint, FamParams};
+use famc::onnx::Target;
 use famc::reference::Reference;
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
@@ -22,15 +23,17 @@ fn check_case(spec: Spec, p: FamParams, len: usize) {
     let ck = Checkpoint::load(&dir).unwrap();
     let ids = Rng::new(spec.seed + 1).tokens(len, spec.vocab as u32);
     let want = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
-    for backend in backends() {
-        let m = FamModel::compile(&ck, p, backend, &RunOptions::default()).unwrap();
-        let got = m.run(&ids).unwrap().mapv(f64::from);
-        assert_eq!(got.dim(), want.dim());
-        let diff = max_abs_diff(got.iter(), want.iter());
-        assert!(
-            diff < 1e-4,
-            "{backend:?} {spec:?} {p:?}: max abs diff {diff}"
-        );
+    for target in Target::ALL {
+        for backend in backends() {
+            let m = FamModel::compile_for(&ck, p, target, backend, &RunOptions::default()).unwrap();
+            let got = m.run(&ids).unwrap().mapv(f64::from);
+            assert_eq!(got.dim(), want.dim());
+            let diff = max_abs_diff(got.iter(), want.iter());
+            assert!(
+                diff < 1e-4,
+                "{target} {backend:?} {spec:?} {p:?}: max abs diff {diff}"
+            );
+        }
     }
 }
 
@@ -103,15 +106,15 @@ fn hugging_face_fixture_on_every_backend() {
     let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
     let ids = hf_tiny_ids();
     let hf = hf_tiny_logits();
-    for backend in backends() {
+    for (target, backend) in every_target_and_backend() {
         for l in [16usize, 33] {
             let p = params(l, 0, ids.len().div_ceil(l));
-            let got = FamModel::compile(&ck, p, backend, &RunOptions::default())
+            let got = FamModel::compile_for(&ck, p, target, backend, &RunOptions::default())
                 .unwrap()
                 .run(&ids)
                 .unwrap();
             let diff = max_abs_diff_f32(got.iter(), hf.iter());
-            assert!(diff < 1e-4, "{backend:?} L={l}: {diff}");
+            assert!(diff < 1e-4, "{target} {backend:?} L={l}: {diff}");
         }
     }
 }
@@ -196,16 +199,18 @@ fn emission_is_deterministic() {
     };
     let (_tmp, dir, _) = temp_checkpoint(&spec);
     let ck = Checkpoint::load(&dir).unwrap();
-    let a = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32).unwrap();
-    let b = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32).unwrap();
-    assert_eq!(
-        famc::builder::encode_model(&a.block),
-        famc::builder::encode_model(&b.block)
-    );
-    assert_eq!(
-        famc::builder::encode_model(a.init.as_ref().unwrap()),
-        famc::builder::encode_model(b.init.as_ref().unwrap())
-    );
+    for target in Target::ALL {
+        let a = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32, target).unwrap();
+        let b = export::compile(&ck, params(4, 2, 1), export::WeightDtype::F32, target).unwrap();
+        assert_eq!(
+            famc::builder::encode_model(&a.block),
+            famc::builder::encode_model(&b.block)
+        );
+        assert_eq!(
+            famc::builder::encode_model(a.init.as_ref().unwrap()),
+            famc::builder::encode_model(b.init.as_ref().unwrap())
+        );
+    }
     let t = tempfile::tempdir().unwrap();
     export::export(
         &ck,

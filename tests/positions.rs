@@ -92,8 +92,8 @@ fn blocks_far_into_a_stream_equal_the_reference() {
     let ck = Checkpoint::load(&dir).unwrap();
     let r = Reference::new(&ck, P).unwrap();
     let ids = Rng::new(5).tokens(3 * P.block_len - 2, 40);
-    for backend in backends() {
-        let m = FamModel::compile(&ck, P, backend, &RunOptions::default()).unwrap();
+    for (target, backend) in every_target_and_backend() {
+        let m = FamModel::compile_for(&ck, P, target, backend, &RunOptions::default()).unwrap();
         for (n, tau) in block_indices().into_iter().enumerate() {
             let mut rs = random_state(&r, tau, n as u64);
             let mut gs = [host_state(&m, &rs)];
@@ -101,7 +101,11 @@ fn blocks_far_into_a_stream_equal_the_reference() {
                 let want = r.step(&rs, block).unwrap();
                 let got = m.step(&mut gs, &[block]).unwrap();
                 let diff = max_abs_diff(got[0].mapv(f64::from).iter(), want.logits.iter());
-                assert!(diff < 1e-4, "{backend} block {}: {diff}", rs.block_index);
+                assert!(
+                    diff < 1e-4,
+                    "{target} {backend} block {}: {diff}",
+                    rs.block_index
+                );
                 if let Some(next) = want.next {
                     rs = next;
                 }
@@ -115,7 +119,11 @@ fn blocks_far_into_a_stream_equal_the_reference() {
                 .zip(gs[0].to_host().unwrap().iter().zip(want.to_host().unwrap()))
             {
                 let diff = max_abs_diff_f32(g.iter(), w.iter());
-                assert!(diff < 1e-4, "{backend} τ {tau} {}: {diff}", st.input);
+                assert!(
+                    diff < 1e-4,
+                    "{target} {backend} τ {tau} {}: {diff}",
+                    st.input
+                );
             }
         }
     }
@@ -127,8 +135,8 @@ fn decoding_far_into_a_stream_equals_the_reference() {
     let ck = Checkpoint::load(&dir).unwrap();
     let r = Reference::new(&ck, P).unwrap();
     let ids = Rng::new(6).tokens(P.block_len + 3, 40);
-    for backend in backends() {
-        let m = FamModel::compile(&ck, P, backend, &RunOptions::default()).unwrap();
+    for (target, backend) in every_target_and_backend() {
+        let m = FamModel::compile_for(&ck, P, target, backend, &RunOptions::default()).unwrap();
         for (n, tau) in block_indices().into_iter().enumerate() {
             let rs = random_state(&r, tau, 10 + n as u64);
             let first = r.step(&rs, &ids[..P.block_len]).unwrap();
@@ -145,7 +153,7 @@ fn decoding_far_into_a_stream_equals_the_reference() {
                 };
                 let got: Vec<f64> = got.iter().map(|&x| f64::from(x)).collect();
                 let diff = max_abs_diff(got.iter(), want.iter());
-                assert!(diff < 1e-4, "{backend} τ {tau} token {i}: {diff}");
+                assert!(diff < 1e-4, "{target} {backend} τ {tau} token {i}: {diff}");
             }
         }
     }
@@ -157,8 +165,8 @@ fn positions_past_the_rotary_limit_are_refused() {
     let ck = Checkpoint::load(&dir).unwrap();
     let r = Reference::new(&ck, P).unwrap();
     let last = (MAX_POSITION as usize) / P.block_len - 1;
-    for backend in backends() {
-        let m = FamModel::compile(&ck, P, backend, &RunOptions::default()).unwrap();
+    for (target, backend) in every_target_and_backend() {
+        let m = FamModel::compile_for(&ck, P, target, backend, &RunOptions::default()).unwrap();
         let mut ok = [host_state(&m, &random_state(&r, last, 1))];
         m.step(&mut ok, &[&[1, 2, 3, 4, 5, 6]]).unwrap();
         // the next block would end past the limit

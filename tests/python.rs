@@ -12,6 +12,7 @@ use std::process::Command;
 use common::*;
 use famc::export::{self, ExportOptions, WeightDtype};
 use famc::model::{Checkpoint, FamParams};
+use famc::onnx::Target;
 use famc::reference::Reference;
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
@@ -35,6 +36,7 @@ fn run_python(py: &Path, args: &[&std::ffi::OsStr]) -> String {
     text
 }
 
+#[derive(Clone)]
 struct Case {
     spec: Spec,
     fam: FamParams,
@@ -137,7 +139,10 @@ fn cases() -> Vec<Case> {
 #[test]
 fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
     let Some(py) = python() else { return };
-    for (i, case) in cases().into_iter().enumerate() {
+    let all = cases()
+        .into_iter()
+        .flat_map(|c| Target::ALL.map(|t| (t, c.clone())));
+    for (i, (target, case)) in all.enumerate() {
         let (tmp, dir, _) = temp_checkpoint(&case.spec);
         let ck = Checkpoint::load(&dir).unwrap();
         let out = tmp.path().join("export");
@@ -146,6 +151,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             dtype: case.dtype,
             // f32 compute: famc's and Python's ONNX Runtime sessions then agree to 1e-4
             accuracy_level: 1,
+            target,
         };
         export::export(&ck, case.fam, &out, &opts).unwrap();
         run_python(
@@ -199,7 +205,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             // half-precision and quantized weights move logits by far more than 1e-4 (tests/half.rs
             // and tests/quant.rs bound them)
             d_ours < 1e-4 && (d_ref < 1e-4 || case.dtype != WeightDtype::F32),
-            "case {i}: python vs famc {d_ours}, vs reference {d_ref}"
+            "case {i} ({target}): python vs famc {d_ours}, vs reference {d_ref}"
         );
     }
 }
@@ -208,7 +214,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
 fn golden_graphs_pass_the_checker() {
     let Some(py) = python() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs");
-    for case in ["tiny-fam", "tiny-bswa"] {
+    for case in ["tiny-fam", "tiny-bswa", "tiny-fam-opset23"] {
         run_python(
             &py,
             &[

@@ -12,6 +12,7 @@ use famc::builder::load_model;
 use famc::emit::quant::{quantize, BLOCK};
 use famc::export::{self, ExportOptions, WeightDtype};
 use famc::model::{Checkpoint, FamParams};
+use famc::onnx::Target;
 use famc::reference::Reference;
 use famc::runtime::{BackendKind, RunOptions};
 use famc::session::FamModel;
@@ -170,8 +171,11 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
         };
         let ids = Rng::new(5).tokens(15, spec.vocab as u32);
         let f32_logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
-        for (dtype, bits) in [(WeightDtype::Q8, 8), (WeightDtype::Q4, 4)] {
-            let out = tmp.path().join(format!("export-{}", dtype.name()));
+        let cases = Target::ALL
+            .into_iter()
+            .flat_map(|t| [(t, WeightDtype::Q8, 8), (t, WeightDtype::Q4, 4)]);
+        for (target, dtype, bits) in cases {
+            let out = tmp.path().join(format!("export-{}-{target}", dtype.name()));
             export::export(
                 &ck,
                 p,
@@ -180,11 +184,14 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
                     dtype,
                     accuracy_level: 1,
                     external_threshold: 256,
+                    target,
                 },
             )
             .unwrap();
             let deq = dequantized_tensors(&out.join("block.onnx"), &tensors, bits);
-            let deq_dir = tmp.path().join(format!("dequantized-{}", dtype.name()));
+            let deq_dir = tmp
+                .path()
+                .join(format!("dequantized-{}-{target}", dtype.name()));
             std::fs::create_dir_all(&deq_dir).unwrap();
             std::fs::copy(dir.join("config.json"), deq_dir.join("config.json")).unwrap();
             write_safetensors(&deq_dir, &deq, DiskDtype::F32, 1);
@@ -203,7 +210,7 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
                 dtype.name(),
                 f32_logits.iter().fold(0f64, |m, v| m.max(v.abs()))
             );
-            assert!(diff < 1e-4, "tie {tie}, {}: {diff}", dtype.name());
+            assert!(diff < 1e-4, "tie {tie}, {} {target}: {diff}", dtype.name());
             assert!(
                 from_f32 > 1e-6,
                 "{}: quantization changed nothing",

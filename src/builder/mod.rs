@@ -353,6 +353,7 @@ pub fn value_info(name: &str, dtype: DType, shape: Option<&[Dim]>) -> onnx::Valu
 pub struct GraphBuilder {
     graph_name: String,
     opset: i64,
+    ir_version: i64,
     /// Where initializers over the threshold go as they are added (see [`Self::set_store`]).
     store: Option<(SharedStore, usize)>,
     /// The SHA-256 of each initializer (by index) whose bytes went to the store.
@@ -387,6 +388,7 @@ impl GraphBuilder {
         GraphBuilder {
             graph_name: graph_name.to_string(),
             opset,
+            ir_version: onnx::IR_VERSION,
             store: None,
             stored_hashes: BTreeMap::new(),
             domains: BTreeMap::new(),
@@ -413,6 +415,11 @@ impl GraphBuilder {
     /// The default-domain opset this builder targets.
     pub fn opset(&self) -> i64 {
         self.opset
+    }
+
+    /// Declares IR version `v` in the model (default [`onnx::IR_VERSION`]).
+    pub fn set_ir_version(&mut self, v: i64) {
+        self.ir_version = v;
     }
 
     /// Sets a `metadata_props` entry (entries are emitted sorted by key).
@@ -1126,7 +1133,7 @@ impl GraphBuilder {
             return Err(BuildError::UndefinedOutput(o.name.clone()));
         }
         Ok(onnx::ModelProto {
-            ir_version: onnx::IR_VERSION,
+            ir_version: self.ir_version,
             opset_import: std::iter::once(onnx::OperatorSetIdProto {
                 domain: String::new(),
                 version: self.opset,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::FamParams;
+use crate::onnx::Target;
 
 /// The export format version this famc writes and reads (2: `files` with sizes and hashes).
 pub const FORMAT_VERSION: u32 = 2;
@@ -70,6 +71,9 @@ pub struct Manifest {
     pub dtype: String,
     pub opset: i64,
     pub ir_version: i64,
+    /// What the graphs were emitted for (absent from exports that predate targets: opset 17).
+    #[serde(default)]
+    pub target: Target,
     /// SHA-256 of the source checkpoint's config.json and safetensors files.
     pub checkpoint_sha256: String,
     pub graphs: GraphFiles,
@@ -120,6 +124,16 @@ impl Manifest {
                     "famc.json names the file `{name}`, which is not a plain file name inside the export directory"
                 )));
             }
+        }
+        if (m.opset, m.ir_version) != (m.target.opset(), m.target.ir_version()) {
+            return Err(err(format!(
+                "famc.json says target {} with opset {} and ir_version {}; that target's graphs are opset {} and ir_version {}",
+                m.target,
+                m.opset,
+                m.ir_version,
+                m.target.opset(),
+                m.target.ir_version()
+            )));
         }
         m.fam.validate()?;
         Ok(m)

@@ -16,7 +16,7 @@ pub use crate::emit::WeightDtype;
 use crate::emit::{self, names, EmitSpec};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
-use crate::onnx::{self, DEFAULT_OPSET, IR_VERSION};
+use crate::onnx::{self, Target};
 
 /// Initializers larger than this go to the weight store [`WEIGHTS_FILE`] by default: every
 /// matrix (so the graphs share them and stay well under protobuf's 2 GiB limit), while vectors
@@ -53,6 +53,8 @@ pub struct ExportOptions {
     /// q8/q4 only: `MatMulNBits`' `accuracy_level`, the precision ONNX Runtime computes in
     /// (1: f32 against the dequantized weights; 4, the default: int8 blocks, faster).
     pub accuracy_level: i64,
+    /// The ONNX dialect the graphs are emitted in.
+    pub target: Target,
 }
 
 /// [`ExportOptions::accuracy_level`]'s default: ONNX Runtime's int8 kernels.
@@ -64,6 +66,7 @@ impl Default for ExportOptions {
             external_threshold: DEFAULT_EXTERNAL_THRESHOLD,
             dtype: WeightDtype::F32,
             accuracy_level: DEFAULT_ACCURACY_LEVEL,
+            target: Target::default(),
         }
     }
 }
@@ -140,7 +143,12 @@ fn graph_kinds(fam: FamParams) -> Vec<(&'static str, EmitFn)> {
 }
 
 /// The manifest of `ck` exported with `fam` and `dtype` (no files recorded yet).
-fn manifest_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Manifest> {
+fn manifest_for(
+    ck: &Checkpoint,
+    fam: FamParams,
+    dtype: WeightDtype,
+    target: Target,
+) -> Result<Manifest> {
     fam.validate()?;
     if let Some(rows) = ck.weights.fam_init.as_ref().map(|a| a.nrows()) {
         if rows != fam.fam_len {
@@ -167,8 +175,9 @@ fn manifest_for(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<M
             rms_norm_eps: c.rms_norm_eps,
         },
         dtype: dtype.name().into(),
-        opset: DEFAULT_OPSET,
-        ir_version: IR_VERSION,
+        opset: target.opset(),
+        ir_version: target.ir_version(),
+        target,
         checkpoint_sha256: ck.hash.clone(),
         graphs: GraphFiles {
             block: BLOCK_FILE.into(),
@@ -186,6 +195,7 @@ fn spec_for(
     fam: FamParams,
     dtype: WeightDtype,
     accuracy_level: i64,
+    target: Target,
     store: Option<(crate::builder::SharedStore, usize)>,
 ) -> EmitSpec<'_> {
     EmitSpec {
@@ -195,14 +205,20 @@ fn spec_for(
         weight_dtype: dtype,
         accuracy_level,
         store,
+        target,
     }
 }
 
 /// Emits the graphs and the manifest of `ck` with FAM parameters `fam`, all held in memory
 /// (what [`export`] writes, emitting and writing one graph at a time).
-pub fn compile(ck: &Checkpoint, fam: FamParams, dtype: WeightDtype) -> Result<Compiled> {
-    let manifest = manifest_for(ck, fam, dtype)?;
-    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL, None);
+pub fn compile(
+    ck: &Checkpoint,
+    fam: FamParams,
+    dtype: WeightDtype,
+    target: Target,
+) -> Result<Compiled> {
+    let manifest = manifest_for(ck, fam, dtype, target)?;
+    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL, target, None);
     let mut graphs = BTreeMap::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
@@ -378,6 +394,7 @@ fn emit_contents(
         fam,
         opts.dtype,
         opts.accuracy_level,
+        opts.target,
         Some((store.clone(), opts.external_threshold)),
     );
     let mut names = Vec::new();
@@ -508,7 +525,7 @@ pub fn export(
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    let manifest = manifest_for(ck, fam, opts.dtype)?;
+    let manifest = manifest_for(ck, fam, opts.dtype, opts.target)?;
     if !matches!(opts.accuracy_level, 0..=4) {
         return Err(Error::Input(format!(
             "--accuracy-level {}: MatMulNBits takes 0 to 4 (1: f32, 4: int8 compute)",

@@ -10,10 +10,10 @@ pub mod generated;
 
 pub use generated::*;
 
-/// IR version written into every model.
-///
-/// IR 10 (ONNX 1.16) is the newest that ONNX Runtime 1.31 accepts: it rejects
-/// models declaring IR 11 or later, even when they use no newer feature.
+mod target;
+pub use target::Target;
+
+/// IR version of the opset-17 target's models (IR 10, ONNX 1.16); see [`Target::ir_version`].
 pub const IR_VERSION: i64 = 10;
 
 /// Default opset of the default (`ai.onnx`) domain.

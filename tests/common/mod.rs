@@ -409,6 +409,14 @@ pub fn backends() -> Vec<famc::runtime::BackendKind> {
 }
 
 /// Runs the `famc` binary.
+/// Every emission target paired with every backend of [`backends`].
+pub fn every_target_and_backend() -> Vec<(famc::onnx::Target, famc::runtime::BackendKind)> {
+    famc::onnx::Target::ALL
+        .into_iter()
+        .flat_map(|t| backends().into_iter().map(move |b| (t, b)))
+        .collect()
+}
+
 pub fn famc(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_famc"))
         .args(args)

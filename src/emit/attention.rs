@@ -1,0 +1,51 @@
+//! Scaled dot-product attention with an additive mask, grouped-query: opset-17
+//! MatMul/Softmax/MatMul, or opset 23's `Attention`.
+
+use super::Emitter;
+use crate::builder::{Attr, DType, GraphBuilder, Value};
+use crate::onnx::Target;
+
+impl Emitter<'_> {
+    /// softmax(q·kᵀ + mask)·v for q [B, H, Q, Dh] (already scaled by 1/√Dh), keys and values
+    /// [B, Hkv, N, Dh] and `mask` [B or 1, 1, G·Q, N] (opset 17, see [`Emitter::block_mask`]) or
+    /// [B or 1, 1, Q, N]; returns [B, Q, H·Dh].
+    pub(super) fn attention(
+        &self,
+        b: &mut GraphBuilder,
+        q: &Value,
+        keys: &Value,
+        values: &Value,
+        mask: Option<&Value>,
+    ) -> Value {
+        b.scoped("sdpa", |b| {
+            let cfg = self.cfg();
+            let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+            if self.target() == Target::Opset23 {
+                let mut inputs = vec![Some(q), Some(keys), Some(values)];
+                inputs.extend(mask.map(Some));
+                let attrs = vec![
+                    Attr::int("q_num_heads", h as i64),
+                    Attr::int("kv_num_heads", hkv as i64),
+                    Attr::float("scale", 1.0),
+                ];
+                let o = b.op_opt("Attention", &inputs, attrs, DType::F32); // [B, H, Q, Dh]
+                let o = b.transpose(&o, &[0, 2, 1, 3]);
+                return b.reshape(&o, &[0, 0, (h * dh) as i64]);
+            }
+            // GQA without repeating keys: a key/value head's G query heads are one run of G·Q
+            // rows, so every MatMul is rank 4.
+            let qg = b.reshape(q, &[0, hkv as i64, -1, dh as i64]); // [B, Hkv, G·Q, Dh]
+            let kt = b.transpose(keys, &[0, 1, 3, 2]);
+            let scores = b.matmul(&qg, &kt); // [B, Hkv, G·Q, N]
+            let scores = match mask {
+                Some(m) => b.add(&scores, m),
+                None => scores,
+            };
+            let p = b.softmax(&scores, -1);
+            let o = b.matmul(&p, values); // [B, Hkv, G·Q, Dh]
+            let o = b.reshape(&o, &[0, h as i64, -1, dh as i64]);
+            let o = b.transpose(&o, &[0, 2, 1, 3]);
+            b.reshape(&o, &[0, 0, (h * dh) as i64])
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! The block graph (docs/graph-contract.md, `block.onnx`).
+
+use super::masks::BlockRows;
+use super::{builder, fixed, names, reorder_outputs, sym, EmitSpec, Emitter, BATCH, TOKENS};
+use crate::builder::{DType, GraphBuilder, Value};
+use crate::error::Result;
+use crate::onnx;
+
+/// The block graph: one block of up to L tokens for a batch of streams, state in and out.
+pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let w = spec.weights;
+    let p = spec.fam;
+    p.validate()?;
+    let (d, hkv, dh, v_size) = (
+        cfg.hidden_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
+    let em = Emitter { spec };
+    let mut b = builder(spec, "famc_block");
+    let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), sym(TOKENS)]);
+    let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
+    let mut state_in = Vec::new();
+    for l in 0..cfg.num_layers {
+        let fam = (f > 0).then(|| {
+            b.input(
+                &names::fam(l),
+                DType::F32,
+                vec![sym(BATCH), fixed(f), fixed(d)],
+            )
+        });
+        let mem = (ml > 0).then(|| {
+            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
+            (
+                b.input(&names::mem_k(l), DType::F32, shape.clone()),
+                b.input(&names::mem_v(l), DType::F32, shape),
+            )
+        });
+        state_in.push((fam, mem));
+    }
+
+    // Positions, masks and the first-update factor, shared by every layer.
+    let (rope, mask, first_factor) = b.scoped("block", |b| {
+        let shape = b.shape(&ids);
+        let one = b.scalar_i64(1);
+        let t = b.gather(&shape, &one, 0);
+        let f_c = b.scalar_i64(f as i64);
+        let q_len = b.add(&t, &f_c);
+        let zero = b.scalar_i64(0);
+        let rows = b.range(&zero, &q_len, &one); // [Q]
+        let l_c = b.scalar_i64(l_len as i64);
+        let start = b.mul(&block_index, &l_c);
+        let first_pos = b.sub(&start, &f_c);
+        let first_pos = b.unsqueeze(&first_pos, &[1]); // [B, 1]
+        let pos_i = b.add(&first_pos, &rows); // [B, Q]
+        let rope = em.rope_tables(b, &pos_i);
+
+        let mask = em.block_mask(
+            b,
+            &BlockRows {
+                rows: &rows,
+                positions: &pos_i,
+                count: &q_len,
+                start: &start,
+                block_index: &block_index,
+                fam_len: &f_c,
+            },
+        );
+        let first_factor = (f > 0).then(|| {
+            let later = b.greater(&block_index, &zero);
+            let later = b.cast(&later, DType::F32);
+            b.unsqueeze(&later, &[1, 2]) // [B, 1, 1]
+        });
+        (rope, mask, first_factor)
+    });
+
+    let mut x = em.embed(&mut b, &ids)?; // [B, T, d]
+    for (l, lw) in w.layers.iter().enumerate() {
+        b.push_scope(&format!("layers.{l}"));
+        let (fam, mem) = &state_in[l];
+        let (rows, residual) = match (fam, &first_factor) {
+            (Some(fam), Some(factor)) => {
+                let rows = b.concat(&[fam, &x], 1);
+                let fam_res = b.mul(fam, factor);
+                let residual = b.concat(&[&fam_res, &x], 1);
+                (rows, residual)
+            }
+            _ => (x.clone(), x.clone()),
+        };
+        let with_memory = |b: &mut GraphBuilder, k: &Value, v: &Value| match mem {
+            Some((mk, mv)) => (b.concat(&[mk, k], 2), b.concat(&[mv, v], 2), Vec::new()),
+            None => (k.clone(), v.clone(), Vec::new()),
+        };
+        let (out, k, v, _) = em.layer(
+            &mut b,
+            lw,
+            &rows,
+            &rope,
+            with_memory,
+            Some(&mask),
+            &residual,
+        )?;
+        if fam.is_some() {
+            let next_fam = b.slice(&out, &[0], &[f as i64], &[1], None);
+            b.output_with_shape(
+                &next_fam,
+                &names::next(&names::fam(l)),
+                vec![sym(BATCH), fixed(f), fixed(d)],
+            );
+            x = b.slice(&out, &[f as i64], &[i64::MAX], &[1], None);
+        } else {
+            x = out;
+        }
+        if let Some((mk, mv)) = mem {
+            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
+            for (memory, new, input) in [(mk, &k, &names::mem_k(l)), (mv, &v, &names::mem_v(l))] {
+                let block_part = if f > 0 {
+                    b.slice(new, &[f as i64], &[i64::MAX], &[2], None)
+                } else {
+                    new.clone()
+                };
+                let all = b.concat(&[memory, &block_part], 2);
+                let kept = b.slice(&all, &[-(ml as i64)], &[i64::MAX], &[2], None);
+                b.output_with_shape(&kept, &names::next(input), shape.clone());
+            }
+        }
+        b.pop_scope();
+    }
+    let logits = em.head(&mut b, &x)?;
+    b.output_with_shape(
+        &logits,
+        names::LOGITS,
+        vec![sym(BATCH), sym(TOKENS), fixed(v_size)],
+    );
+    reorder_outputs(b.finish()?)
+}

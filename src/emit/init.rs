@@ -1,0 +1,39 @@
+//! The init graph (docs/graph-contract.md, `init.onnx`).
+
+use super::{builder, fixed, names, EmitSpec, Emitter};
+use crate::builder::{GraphBuilder, TensorData, Value};
+use crate::error::Result;
+use crate::onnx;
+
+/// The init graph: no inputs; outputs `init_fam.{l}` [F, d] for every layer (FAM-SPEC section 3).
+pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    let cfg = spec.config;
+    let w = spec.weights;
+    let (f, d) = (spec.fam.fam_len, cfg.hidden_size);
+    let em = Emitter { spec };
+    let mut b = builder(spec, "famc_init");
+    let prompt: Vec<f32> = match &w.fam_init {
+        Some(a) => a.iter().copied().collect(),
+        None => vec![0.0; f * d],
+    };
+    let mut cur = b.weight(
+        "fam_init",
+        TensorData::from_f32(&prompt, &[1, f as i64, d as i64]),
+    )?;
+    let positions: Vec<i64> = (0..f as i64).map(|i| i - f as i64).collect();
+    let pos = b.const_i64(&positions, &[1, f as i64]);
+    let rope = b.scoped("init", |b| em.rope_tables(b, &pos));
+    for (l, lw) in w.layers.iter().enumerate() {
+        let out = b.squeeze(&cur, &[0]);
+        b.output_with_shape(&out, &names::init_fam(l), vec![fixed(f), fixed(d)]);
+        if l + 1 == w.layers.len() {
+            break;
+        }
+        b.push_scope(&format!("layers.{l}"));
+        let own = |_: &mut GraphBuilder, k: &Value, v: &Value| (k.clone(), v.clone(), Vec::new());
+        let (next, _, _, _) = em.layer(&mut b, lw, &cur, &rope, own, None, &cur)?;
+        b.pop_scope();
+        cur = next;
+    }
+    Ok(b.finish()?)
+}

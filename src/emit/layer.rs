@@ -1,0 +1,97 @@
+//! One decoder layer: the q/k/v projections, attention and the MLP, shared by every graph.
+
+use super::linear::weight_vec;
+use super::rotary::Rope;
+use super::Emitter;
+use crate::builder::{GraphBuilder, Value};
+use crate::error::Result;
+use crate::model::LayerWeights;
+
+impl Emitter<'_> {
+    /// [B, Q, heads·Dh] → [B, heads, Q, Dh]
+    pub(super) fn split_heads(&self, b: &mut GraphBuilder, x: &Value, heads: usize) -> Value {
+        let dh = self.cfg().head_dim as i64;
+        let r = b.reshape(x, &[0, 0, heads as i64, dh]);
+        b.transpose(&r, &[0, 2, 1, 3])
+    }
+
+    /// RMSNorm and the q, k, v projections of rows [B, Q, d], RoPE applied by `rope`: q
+    /// [B, H, Q, Dh] (scaled by 1/√Dh, when `with_q`), k and v [B, Hkv, Q, Dh].
+    pub(super) fn project(
+        &self,
+        b: &mut GraphBuilder,
+        lw: &LayerWeights,
+        rows: &Value,
+        rope: &Rope,
+        with_q: bool,
+    ) -> Result<(Option<Value>, Value, Value)> {
+        let cfg = self.cfg();
+        let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let w_in = weight_vec(b, "input_layernorm.weight", &lw.input_layernorm)?;
+        let x = self.rms_norm(b, rows, &w_in);
+        let a = &lw.attn;
+        let q = if with_q {
+            let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
+            let q = self.split_heads(b, &q, h);
+            let q = self.apply_rope(b, &q, rope);
+            let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
+            Some(b.mul(&q, &scale))
+        } else {
+            None
+        };
+        let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
+        let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
+        let k = self.split_heads(b, &k, hkv);
+        let v = self.split_heads(b, &v, hkv);
+        let k = self.apply_rope(b, &k, rope);
+        Ok((q, k, v))
+    }
+
+    /// One decoder layer over rows [B, Q, d].
+    ///
+    /// `keys` turns the rows' own post-RoPE keys and values [B, Hkv, Q, Dh] into the keys and
+    /// values attended to (memory, FAM and caches around them), plus any extra values the caller
+    /// wants back; `mask`: additive, [B or 1, 1, G·Q, keys], the [Q, keys] pattern repeated for
+    /// each of the G query heads that share a key/value head; `residual`: what the attention
+    /// output is added to. Returns the layer output [B, Q, d], the rows' keys and values, and the
+    /// extras.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub(super) fn layer(
+        &self,
+        b: &mut GraphBuilder,
+        lw: &LayerWeights,
+        rows: &Value,
+        rope: &Rope,
+        keys: impl FnOnce(&mut GraphBuilder, &Value, &Value) -> (Value, Value, Vec<Value>),
+        mask: Option<&Value>,
+        residual: &Value,
+    ) -> Result<(Value, Value, Value, Vec<Value>)> {
+        let (attn_out, k, v, extras) = b.scoped("attn", |b| -> Result<_> {
+            let (q, k, v) = self.project(b, lw, rows, rope, true)?;
+            let q = q.expect("asked for q");
+            let (keys, values, extras) = keys(b, &k, &v);
+            let o = self.attention(b, &q, &keys, &values, mask);
+            let a = &lw.attn;
+            let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
+            Ok((o, k, v, extras))
+        })?;
+        let a = b.add(&attn_out, residual);
+        let out = b.scoped("mlp", |b| -> Result<Value> {
+            let w_post = weight_vec(
+                b,
+                "post_attention_layernorm.weight",
+                &lw.post_attention_layernorm,
+            )?;
+            let z = self.rms_norm(b, &a, &w_post);
+            let m = &lw.mlp;
+            let g = self.linear(b, &z, "gate_proj", &m.gate_proj, None)?;
+            let u = self.linear(b, &z, "up_proj", &m.up_proj, None)?;
+            let sg = b.sigmoid(&g);
+            let silu = b.mul(&g, &sg);
+            let gu = b.mul(&silu, &u);
+            let down = self.linear(b, &gu, "down_proj", &m.down_proj, None)?;
+            Ok(b.add(&a, &down))
+        })?;
+        Ok((out, k, v, extras))
+    }
+}
