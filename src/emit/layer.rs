@@ -9,7 +9,7 @@ use crate::model::LayerWeights;
 
 impl Emitter<'_> {
     /// [B, Q, heads·Dh] → [B, heads, Q, Dh]
-    pub(super) fn split_heads(&self, b: &mut GraphBuilder, x: &Value, heads: usize) -> Value {
+    fn split_heads(&self, b: &mut GraphBuilder, x: &Value, heads: usize) -> Value {
         let dh = self.cfg().head_dim as i64;
         let r = b.reshape(x, &[0, 0, heads as i64, dh]);
         b.transpose(&r, &[0, 2, 1, 3])
@@ -51,8 +51,7 @@ impl Emitter<'_> {
     ///
     /// `keys` turns the rows' own post-RoPE keys and values [B, Hkv, Q, Dh] into the keys and
     /// values attended to (memory, FAM and caches around them), plus any extra values the caller
-    /// wants back; `mask`: additive, [B or 1, 1, G·Q, keys], the [Q, keys] pattern repeated for
-    /// each of the G query heads that share a key/value head; `residual`: what the attention
+    /// wants back; `mask`: additive, as [`Emitter::attention`] takes it; `residual`: what the attention
     /// output is added to. Returns the layer output [B, Q, d], the rows' keys and values, and the
     /// extras.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]

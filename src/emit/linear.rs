@@ -8,11 +8,11 @@ use crate::builder::{Attr, DType, GraphBuilder, TensorData, Value};
 use crate::error::Result;
 
 /// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
-pub(super) const MS_DOMAIN: &str = "com.microsoft";
+const MS_DOMAIN: &str = "com.microsoft";
 
 /// `x · Wᵀ` for `w` [N, K] quantized to `bits` as `MatMulNBits` (initializers `<name>.codes`,
 /// `<name>.scales`) plus, for 4 bits, the blocks' offsets (`<name>.offsets`, see [`quant`]).
-pub(super) fn matmul_nbits(
+fn matmul_nbits(
     b: &mut GraphBuilder,
     x: &Value,
     name: &str,
@@ -133,7 +133,7 @@ pub(super) fn to_f32(b: &mut GraphBuilder, x: Value) -> Value {
 }
 
 /// The transposed matrix [in, out] as an f32 value, so that `x · Wᵀ` is one MatMul.
-pub(super) fn weight_t(
+fn weight_t(
     b: &mut GraphBuilder,
     name: &str,
     w: &Array2<f32>,

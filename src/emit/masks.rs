@@ -21,9 +21,9 @@ pub(super) struct BlockRows<'v> {
 }
 
 impl Emitter<'_> {
-    /// The block graph's mask [B, 1, G·Q, M·L + Q] (opset 17) or [B, 1, Q, M·L + Q]: FAM rows see every FAM and block row and no
-    /// memory; block rows see the valid memory slots, every FAM row and the block rows up to
-    /// their own.
+    /// The block graph's mask [B, 1, G·Q, M·L + Q] (opset 17) or [B, 1, Q, M·L + Q] (opset 23):
+    /// FAM rows see every FAM and block row and no memory; block rows see the valid memory slots,
+    /// every FAM row and the block rows up to their own.
     pub(super) fn block_mask(&self, b: &mut GraphBuilder, r: &BlockRows) -> Value {
         let (f, ml) = (self.spec.fam.fam_len, self.spec.fam.mem_len());
         let (rows, pos_i, q_len, start, block_index, f_c) = (
@@ -83,7 +83,6 @@ impl Emitter<'_> {
         let m = b.where_(&vis, &open, &masked);
         let mask = b.unsqueeze(&m, &[1]); // [B, 1, Q, keys]
         let group = self.cfg().group_size() as i64;
-
         if group > 1 && self.target() == Target::Opset17 {
             // rows of a key/value head's G query heads run as G·Q rows (see `Emitter::attention`)
             let reps = b.vec_i64(&[1, 1, group, 1]);

@@ -19,9 +19,9 @@ pub(super) struct Rope {
 
 impl Emitter<'_> {
     /// cos/sin tables for integer positions [B, Q], exact at any position below
-    /// [`MAX_POSITION`](crate::model::MAX_POSITION): each angle p·θ_j is reduced modulo one turn in int64 arithmetic before
-    /// it becomes an f32, so the angle's error stays about 1e-6 rad instead of growing with p
-    /// (p·θ_j formed in f32 is off by 0.06 rad at p = 10^6).
+    /// [`MAX_POSITION`](crate::model::MAX_POSITION): each angle p·θ_j is reduced modulo one turn
+    /// in int64 arithmetic before it becomes an f32, so the angle's error stays about 1e-6 rad
+    /// instead of growing with p (p·θ_j formed in f32 is off by 0.06 rad at p = 10^6).
     ///
     /// With V_j = round(2^52·θ_j / 2π) = hi_j·2^26 + lo_j, the angle in turns is
     /// (|p|·V_j mod 2^52) / 2^52, computed as ((|p|·hi_j mod 2^26)·2^26 + (|p|·lo_j mod 2^52))
@@ -60,31 +60,22 @@ impl Emitter<'_> {
             let r = b.cast(&r, DType::F32);
             let scale = b.scalar_f32((std::f64::consts::TAU / TURN as f64) as f32);
             let angles = b.mul(&r, &scale);
-            match self.target() {
+            // opset 17 multiplies by both halves [B, 1, Q, Dh]; opset 23 takes the half [B, Q, Dh/2]
+            let (emb, sign_axes): (Value, &[i64]) = match self.target() {
                 Target::Opset17 => {
                     let emb = b.concat(&[&angles, &angles], -1);
-                    let emb = b.unsqueeze(&emb, &[1]);
-                    let zero = b.scalar_i64(0);
-                    let negative = b.less(positions, &zero);
-                    let negative = b.unsqueeze(&negative, &[1, 3]); // [B, 1, Q, 1]
-                    let sin = b.sin(&emb);
-                    let neg_sin = b.neg(&sin);
-                    Rope {
-                        cos: b.cos(&emb),
-                        sin: b.where_(&negative, &neg_sin, &sin),
-                    }
+                    (b.unsqueeze(&emb, &[1]), &[1, 3])
                 }
-                Target::Opset23 => {
-                    let zero = b.scalar_i64(0);
-                    let negative = b.less(positions, &zero);
-                    let negative = b.unsqueeze(&negative, &[-1]); // [B, Q, 1]
-                    let sin = b.sin(&angles);
-                    let neg_sin = b.neg(&sin);
-                    Rope {
-                        cos: b.cos(&angles),
-                        sin: b.where_(&negative, &neg_sin, &sin),
-                    }
-                }
+                Target::Opset23 => (angles, &[-1]),
+            };
+            let zero = b.scalar_i64(0);
+            let negative = b.less(positions, &zero);
+            let negative = b.unsqueeze(&negative, sign_axes); // broadcasts over the tables
+            let sin = b.sin(&emb);
+            let neg_sin = b.neg(&sin);
+            Rope {
+                cos: b.cos(&emb),
+                sin: b.where_(&negative, &neg_sin, &sin),
             }
         })
     }
