@@ -205,8 +205,10 @@ impl<M: LanguageModel> Iterator for Generator<'_, M> {
 /// through the block graph (prompts); the state advances exactly at block boundaries.
 ///
 /// Everything a decode call reads stays in the backend's values between calls (the stream's
-/// memory, the block's FAM keys and values, the in-block cache, the last two double-buffered):
-/// per token only the token goes in and the logits come out.
+/// memory, the block's FAM keys and values, the in-block cache): per token the token goes in, the
+/// logits and one key and value row per layer come out, and the rows are written into the cache
+/// in place (host memory: tract, ONNX Runtime's CPU provider; a GPU session's cache goes in from
+/// the host).
 pub struct FamDecoder<'m> {
     model: &'m FamModel,
     /// The model's decode and FAM-kv graphs, opened once per model and shared by its decoders.
@@ -215,10 +217,9 @@ pub struct FamDecoder<'m> {
     block: Vec<u32>,
     /// Per layer: FAM keys then values [1, Hkv, F, Dh] of the current block, when F > 0.
     fam_kv_values: Option<Vec<Value>>,
-    /// Per layer: cache keys then values [1, Hkv, L, Dh]; `None` only after a failed call.
+    /// Per layer: cache keys then values [1, Hkv, L, Dh], held by the decode graph's backend;
+    /// `None` only after a failed call.
     cache: Option<Vec<Value>>,
-    /// The buffers of the cache before `cache`, written over by the next decode call.
-    cache_spare: Vec<Value>,
     /// Where each layer's FAM, memory keys and memory values lie in the state.
     layout: Vec<LayerState>,
 }
@@ -262,18 +263,24 @@ impl<'m> FamDecoder<'m> {
             });
         }
         let cache_shape = [1, d.num_kv_heads, m.fam.block_len, d.head_dim];
+        let zeros = || Tensor::F32(ArrayD::<f32>::zeros(IxDyn(&cache_shape)));
+        let cache = if model.run_options().host_state {
+            (0..2 * d.num_layers)
+                .map(|_| Value::host(zeros()))
+                .collect()
+        } else {
+            let runner = graphs.decode.lock().unwrap_or_else(|e| e.into_inner());
+            (0..2 * d.num_layers)
+                .map(|_| runner.hold(zeros()))
+                .collect::<Result<Vec<_>>>()?
+        };
         Ok(FamDecoder {
             model,
             graphs,
             state,
             block: Vec::new(),
             fam_kv_values: None,
-            cache: Some(
-                (0..2 * d.num_layers)
-                    .map(|_| Value::host(ArrayD::<f32>::zeros(IxDyn(&cache_shape))))
-                    .collect(),
-            ),
-            cache_spare: Vec::new(),
+            cache: Some(cache),
             layout,
         })
     }
@@ -281,6 +288,12 @@ impl<'m> FamDecoder<'m> {
     /// Tokens fed so far.
     pub fn position(&self) -> usize {
         self.state.block_index() * self.model.fam_params().block_len + self.block.len()
+    }
+
+    /// The in-block key/value caches, per layer keys then values [1, Hkv, L, Dh] (empty only
+    /// after a failed call): where they lie and that they stay put, for tests and `famc doctor`.
+    pub fn caches(&self) -> &[Value] {
+        self.cache.as_deref().unwrap_or(&[])
     }
 
     /// The stream's state after its last full block.
@@ -354,14 +367,7 @@ impl<'m> FamDecoder<'m> {
             }
             inputs.extend([&cache[2 * l], &cache[2 * l + 1]]);
         }
-        let mut spare = std::mem::take(&mut self.cache_spare).into_iter();
-        let mut outputs = vec![OutputTo::Host];
-        let host = self.model.run_options().host_state;
-        outputs.extend((0..cache.len()).map(|_| match spare.next() {
-            _ if host => OutputTo::Host,
-            Some(buffer) => OutputTo::Reuse(buffer),
-            None => OutputTo::Backend,
-        }));
+        let outputs = (0..1 + cache.len()).map(|_| OutputTo::Host).collect();
         let mut out = self
             .graphs
             .decode
@@ -382,18 +388,19 @@ impl<'m> FamDecoder<'m> {
                 ),
             });
         }
-        let next: Vec<Value> = out.collect();
-        if next.len() != cache.len() || next.iter().zip(&cache).any(|(n, c)| n.shape() != c.shape())
-        {
+        let rows: Vec<Value> = out.collect();
+        if rows.len() != cache.len() {
             return Err(Error::Input(format!(
-                "the decode graph returned {} caches, expected {} of shape {:?}",
-                next.len(),
-                cache.len(),
-                cache[0].shape()
+                "the decode graph returned {} key/value rows, expected {}",
+                rows.len(),
+                cache.len()
             )));
         }
-        self.cache = Some(next);
-        self.cache_spare = cache;
+        let mut cache = cache;
+        for (c, row) in cache.iter_mut().zip(&rows) {
+            c.write_at(2, self.block.len(), row)?;
+        }
+        self.cache = Some(cache);
         self.block.push(token);
         if self.block.len() == m.fam.block_len {
             self.finish_block()?;

@@ -682,3 +682,63 @@ fn backend_and_level_names() {
     }
     assert!("max".parse::<OrtOptLevel>().is_err());
 }
+
+// ------------------------------------------------------------------------------------------------
+// values written in place (the decode caches)
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn held_values_take_rows_in_place_on_every_backend() {
+    use famc::runtime::Value as RtValue;
+    let base = ArrayD::from_shape_fn(IxDyn(&[1, 2, 3, 2]), |i| {
+        (i[1] * 100 + i[2] * 10 + i[3]) as f32
+    });
+    let row = ArrayD::from_shape_fn(IxDyn(&[1, 2, 1, 2]), |i| -((i[1] * 2 + i[3]) as f32) - 1.0);
+    // what writing `row` at index 1 of axis 2 gives, element by element
+    let mut want = base.clone();
+    for h in 0..2 {
+        for d in 0..2 {
+            want[[0, h, 1, d]] = row[[0, h, 0, d]];
+        }
+    }
+    let mut kinds = vec![BackendKind::Tract];
+    if ort_available("held_values_take_rows_in_place_on_every_backend") {
+        kinds.push(BackendKind::Ort);
+    }
+    let mut values = vec![("host", RtValue::host(Tensor::F32(base.clone())))];
+    for kind in kinds {
+        let r = open_graph(kind, &model("tiny_mlp"), &RunOptions::default()).unwrap();
+        let v = r.hold(Tensor::F32(base.clone())).unwrap();
+        assert_eq!(v.backend(), Some(kind), "{kind} holds it");
+        values.push((kind.name(), v));
+    }
+    for (what, mut v) in values {
+        let at = v.data_address();
+        v.write_at(2, 1, &RtValue::host(Tensor::F32(row.clone())))
+            .unwrap();
+        assert_eq!(v.data_address(), at, "{what}: written in place");
+        assert_eq!(v.to_host_f32().unwrap(), want, "{what}");
+        let err = v
+            .write_at(2, 3, &RtValue::host(Tensor::F32(row.clone())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("index 3 of axis 2") && err.contains("[1, 2, 3, 2]"),
+            "{what}: {err}"
+        );
+        let wide = ArrayD::<f32>::zeros(IxDyn(&[1, 2, 2, 2]));
+        let err = v
+            .write_at(2, 0, &RtValue::host(Tensor::F32(wide)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[1, 2, 2, 2]") && err.contains("[1, 2, 1, 2]"),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            v.to_host_f32().unwrap(),
+            want,
+            "{what}: a refused write changes nothing"
+        );
+    }
+}

@@ -162,10 +162,24 @@ fn decoding_keeps_memory_and_caches_in_the_backend() {
     for backend in backends() {
         let m = FamModel::compile(&ck, params(), backend, &RunOptions::default()).unwrap();
         let mut dec = FamDecoder::new(&m).unwrap();
+        let addresses = |dec: &FamDecoder| -> Vec<usize> {
+            dec.caches()
+                .iter()
+                .map(|c| c.data_address().unwrap())
+                .collect()
+        };
+        let first = addresses(&dec);
+        assert_eq!(first.len(), 2 * ck.config.num_layers);
         for (i, &t) in ids.iter().enumerate() {
             let row = dec.feed(&[t]).unwrap();
             let diff = diff_to(&row, want.row(i).iter());
             assert!(diff < 1e-4, "{backend} token {i}: {diff}");
+            // each token's key and value rows are written into the same cache buffers, in the
+            // backend's memory: nothing is allocated or copied per token
+            assert_eq!(addresses(&dec), first, "{backend} token {i}");
+            for c in dec.caches() {
+                assert_eq!(c.location(), location(backend), "{backend} token {i}");
+            }
         }
         assert_eq!(dec.position(), 11);
         assert_eq!(dec.state().block_index(), 2);

@@ -90,19 +90,14 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
             }
             _ => (x.clone(), x.clone()),
         };
-        let with_memory = |b: &mut GraphBuilder, k: &Value, v: &Value| match mem {
-            Some((mk, mv)) => (b.concat(&[mk, k], 2), b.concat(&[mv, v], 2), Vec::new()),
-            None => (k.clone(), v.clone(), Vec::new()),
+        let with_memory = |b: &mut GraphBuilder, q: &Value, k: &Value, v: &Value| {
+            let (keys, values) = match mem {
+                Some((mk, mv)) => (b.concat(&[mk, k], 2), b.concat(&[mv, v], 2)),
+                None => (k.clone(), v.clone()),
+            };
+            (em.attention(b, q, &keys, &values, Some(&mask)), Vec::new())
         };
-        let (out, k, v, _) = em.layer(
-            &mut b,
-            lw,
-            &rows,
-            &rope,
-            with_memory,
-            Some(&mask),
-            &residual,
-        )?;
+        let (out, k, v, _) = em.layer(&mut b, lw, &rows, &rope, with_memory, &residual)?;
         if fam.is_some() {
             let next_fam = b.slice(&out, &[0], &[f as i64], &[1], None);
             b.output_with_shape(

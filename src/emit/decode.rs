@@ -10,8 +10,10 @@ use crate::onnx;
 ///
 /// Inputs: `input_ids` [B, 1], `position` [B], then per layer `fam_k.{l}`, `fam_v.{l}`
 /// [B, Hkv, F, Dh] (F > 0), `mem_k.{l}`, `mem_v.{l}` [B, Hkv, M·L, Dh] (M > 0), `cache_k.{l}`,
-/// `cache_v.{l}` [B, Hkv, L, Dh]. Outputs: `logits` [B, 1, V] and per layer `next_cache_k.{l}`,
-/// `next_cache_v.{l}`: the cache with slot `position mod L` holding this token's key and value.
+/// `cache_v.{l}` [B, Hkv, L, Dh] (slots before `position mod L` read). Outputs: `logits`
+/// [B, 1, V] and per layer `new_k.{l}`, `new_v.{l}` [B, Hkv, 1, Dh]: this token's key and value,
+/// which the caller writes into slot `position mod L` of its cache. No key or value is copied in
+/// the graph: the caches stay where the caller keeps them, and only one row per layer comes out.
 pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let cfg = spec.config;
     let p = spec.fam;
@@ -49,52 +51,36 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         layer_in.push(LayerIn { fam, mem, cache });
     }
 
-    let (rope, slot_is_new, mask) = b.scoped("decode", |b| {
+    let (rope, mask) = b.scoped("decode", |b| {
         let l_c = b.scalar_i64(l_len as i64);
         let tau = b.div(&position, &l_c); // [B]
         let start = b.mul(&tau, &l_c);
         let in_block = b.sub(&position, &start); // [B]
         let pos = b.unsqueeze(&position, &[1]); // [B, 1]
         let rope = em.rope_tables(b, &pos);
-        let (slot_is_new, mask) = em.decode_mask(b, &position, &start, &in_block);
-        (rope, slot_is_new, mask)
+        let mask = em.decode_mask(b, &position, &start, &in_block);
+        (rope, mask)
     });
 
     let mut x = em.embed(&mut b, &ids)?; // [B, 1, d]
     for (l, lw) in spec.weights.layers.iter().enumerate() {
         b.push_scope(&format!("layers.{l}"));
         let li = &layer_in[l];
-        let assemble = |b: &mut GraphBuilder, k: &Value, v: &Value| {
-            let new_k = b.where_(&slot_is_new, k, &li.cache.0);
-            let new_v = b.where_(&slot_is_new, v, &li.cache.1);
-            let mut ks = Vec::new();
-            let mut vs = Vec::new();
+        let attend = |b: &mut GraphBuilder, q: &Value, k: &Value, v: &Value| {
+            let mut parts = Vec::new();
             if let Some((mk, mv)) = &li.mem {
-                ks.push(mk.clone());
-                vs.push(mv.clone());
+                parts.push((mk, mv, ml));
             }
             if let Some((fk, fv)) = &li.fam {
-                ks.push(fk.clone());
-                vs.push(fv.clone());
+                parts.push((fk, fv, f));
             }
-            ks.push(new_k.clone());
-            vs.push(new_v.clone());
-            let keys = b.concat(&ks.iter().collect::<Vec<_>>(), 2);
-            let values = b.concat(&vs.iter().collect::<Vec<_>>(), 2);
-            (keys, values, vec![new_k, new_v])
+            parts.push((&li.cache.0, &li.cache.1, l_len));
+            (em.split_attention(b, q, &parts, (k, v), &mask), Vec::new())
         };
-        let (out, _, _, extras) = em.layer(&mut b, lw, &x, &rope, assemble, Some(&mask), &x)?;
+        let (out, k, v, _) = em.layer(&mut b, lw, &x, &rope, attend, &x)?;
         b.pop_scope();
-        b.output_with_shape(
-            &extras[0],
-            &names::next(&names::cache_k(l)),
-            kv_shape(l_len),
-        );
-        b.output_with_shape(
-            &extras[1],
-            &names::next(&names::cache_v(l)),
-            kv_shape(l_len),
-        );
+        b.output_with_shape(&k, &names::new_k(l), kv_shape(1));
+        b.output_with_shape(&v, &names::new_v(l), kv_shape(1));
         x = out;
     }
     let logits = em.head(&mut b, &x)?;

@@ -30,8 +30,10 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
             break;
         }
         b.push_scope(&format!("layers.{l}"));
-        let own = |_: &mut GraphBuilder, k: &Value, v: &Value| (k.clone(), v.clone(), Vec::new());
-        let (next, _, _, _) = em.layer(&mut b, lw, &cur, &rope, own, None, &cur)?;
+        let own = |b: &mut GraphBuilder, q: &Value, k: &Value, v: &Value| {
+            (em.attention(b, q, k, v, None), Vec::new())
+        };
+        let (next, _, _, _) = em.layer(&mut b, lw, &cur, &rope, own, &cur)?;
         b.pop_scope();
         cur = next;
     }

@@ -49,27 +49,25 @@ impl Emitter<'_> {
 
     /// One decoder layer over rows [B, Q, d].
     ///
-    /// `keys` turns the rows' own post-RoPE keys and values [B, Hkv, Q, Dh] into the keys and
-    /// values attended to (memory, FAM and caches around them), plus any extra values the caller
-    /// wants back; `mask`: additive, as [`Emitter::attention`] takes it; `residual`: what the attention
-    /// output is added to. Returns the layer output [B, Q, d], the rows' keys and values, and the
-    /// extras.
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    /// `attend` turns the scaled q [B, H, Q, Dh] and the rows' own post-RoPE keys and values
+    /// [B, Hkv, Q, Dh] into the attention output [B, Q, H·Dh] (attending to memory, FAM and caches
+    /// as the graph has them), plus any extra values the caller wants back; `residual`: what the
+    /// attention output is added to. Returns the layer output [B, Q, d], the rows' keys and
+    /// values, and the extras.
+    #[allow(clippy::type_complexity)]
     pub(super) fn layer(
         &self,
         b: &mut GraphBuilder,
         lw: &LayerWeights,
         rows: &Value,
         rope: &Rope,
-        keys: impl FnOnce(&mut GraphBuilder, &Value, &Value) -> (Value, Value, Vec<Value>),
-        mask: Option<&Value>,
+        attend: impl FnOnce(&mut GraphBuilder, &Value, &Value, &Value) -> (Value, Vec<Value>),
         residual: &Value,
     ) -> Result<(Value, Value, Value, Vec<Value>)> {
         let (attn_out, k, v, extras) = b.scoped("attn", |b| -> Result<_> {
             let (q, k, v) = self.project(b, lw, rows, rope, true)?;
             let q = q.expect("asked for q");
-            let (keys, values, extras) = keys(b, &k, &v);
-            let o = self.attention(b, &q, &keys, &values, mask);
+            let (o, extras) = attend(b, &q, &k, &v);
             let a = &lw.attn;
             let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
             Ok((o, k, v, extras))

@@ -92,15 +92,16 @@ impl Emitter<'_> {
         }
     }
 
-    /// The decode graph's mask [B, 1, 1, M·L + F + L] for a token at slot `in_block` [B] of the
-    /// block starting at `start` [B], and which cache slot [B, 1, L, 1] takes its key and value.
+    /// The decode graph's mask [B, 1, 1, M·L + F + L + 1] for a token at slot `in_block` [B] of
+    /// the block starting at `start` [B]: the valid memory, every FAM key, the cache slots before
+    /// its own, and its own key (last).
     pub(super) fn decode_mask(
         &self,
         b: &mut GraphBuilder,
         position: &Value,
         start: &Value,
         in_block: &Value,
-    ) -> (Value, Value) {
+    ) -> Value {
         let (f, ml, l_len) = (
             self.spec.fam.fam_len,
             self.spec.fam.mem_len(),
@@ -109,10 +110,7 @@ impl Emitter<'_> {
         let slots: Vec<i64> = (0..l_len as i64).collect();
         let slots = b.const_i64(&slots, &[1, l_len as i64]);
         let i = b.unsqueeze(in_block, &[1]); // [B, 1]
-        let slot_is_new = b.equal(&slots, &i); // [B, L]
-        let slot_is_new = b.unsqueeze(&slot_is_new, &[1, 3]); // [B, 1, L, 1]
-        let future = b.greater(&slots, &i);
-        let cache_vis = b.op("Not", &[&future], vec![], DType::Bool); // [B, L]
+        let cache_vis = b.op("Less", &[&slots, &i], vec![], DType::Bool); // [B, L]
         let open = b.scalar_f32(0.0);
         let masked = b.scalar_f32(MASKED);
         let mut parts = Vec::new();
@@ -131,17 +129,20 @@ impl Emitter<'_> {
             );
             parts.push(b.where_(&mem_vis, &open, &masked));
         }
+        let batch = b.shape(position);
+        // every FAM key and the token's own are visible: zeros, broadcast over the batch
+        let open_cols = |b: &mut GraphBuilder, n: usize| {
+            let n_c = b.vec_i64(&[n as i64]);
+            let full = b.concat(&[&batch, &n_c], 0);
+            b.expand(&open, &full)
+        };
         if f > 0 {
-            // every FAM key is visible: zeros, broadcast over the batch by the concat below
-            let batch = b.shape(position);
-            let f_1 = b.vec_i64(&[f as i64]);
-            let full = b.concat(&[&batch, &f_1], 0);
-            parts.push(b.expand(&open, &full));
+            parts.push(open_cols(b, f));
         }
         parts.push(b.where_(&cache_vis, &open, &masked));
+        parts.push(open_cols(b, 1));
         let refs: Vec<&Value> = parts.iter().collect();
         let m = b.concat(&refs, 1); // [B, N]
-        let mask = b.unsqueeze(&m, &[1, 2]); // [B, 1, 1, N]
-        (slot_is_new, mask)
+        b.unsqueeze(&m, &[1, 2]) // [B, 1, 1, N]
     }
 }

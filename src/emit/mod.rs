@@ -72,6 +72,13 @@ pub mod names {
     pub fn cache_v(l: usize) -> String {
         format!("cache_v.{l}")
     }
+    /// The decode graph's output: this token's key for the cache of layer `l`.
+    pub fn new_k(l: usize) -> String {
+        format!("new_k.{l}")
+    }
+    pub fn new_v(l: usize) -> String {
+        format!("new_v.{l}")
+    }
 }
 
 /// Symbolic dimension names.

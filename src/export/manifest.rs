@@ -9,8 +9,9 @@ use crate::error::{Error, Result};
 use crate::model::FamParams;
 use crate::onnx::Target;
 
-/// The export format version this famc writes and reads (2: `files` with sizes and hashes).
-pub const FORMAT_VERSION: u32 = 2;
+/// The export format version this famc writes and reads (2: `files` with sizes and hashes; 3: the
+/// decode graph returns each layer's new key/value row instead of the whole cache).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The manifest file's name inside an export directory.
 pub const MANIFEST_FILE: &str = "famc.json";

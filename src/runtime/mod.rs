@@ -240,6 +240,53 @@ impl Value {
         }
     }
 
+    /// Writes `row` (this value's shape with length 1 along `axis`) at index `at` of `axis`. In
+    /// place when the data is in host memory (a host array, a tract tensor, an ONNX Runtime CPU
+    /// value), so a cache held by the backend takes one row per token; a value in device memory
+    /// is brought to the host first and stays there.
+    pub fn write_at(&mut self, axis: usize, at: usize, row: &Value) -> Result<()> {
+        let mut want = self.shape.clone();
+        if axis >= want.len() || at >= want[axis] {
+            return Err(Error::Input(format!(
+                "cannot write at index {at} of axis {axis} of a value of shape {:?}",
+                self.shape
+            )));
+        }
+        want[axis] = 1;
+        if row.shape() != want.as_slice() {
+            return Err(Error::Input(format!(
+                "cannot write a row of shape {:?} into a value of shape {:?} (a row is {want:?})",
+                row.shape(),
+                self.shape
+            )));
+        }
+        let row = row.host_tensor()?;
+        let (Tensor::F32(row), ElemType::F32) = (&*row, &self.elem_type) else {
+            return Err(Error::Input(
+                "only float32 values take rows written in place".into(),
+            ));
+        };
+        let row = row.index_axis(ndarray::Axis(axis), 0);
+        let written = match &mut self.inner {
+            ValueInner::Host(Tensor::F32(a)) => {
+                a.index_axis_mut(ndarray::Axis(axis), at).assign(&row);
+                true
+            }
+            ValueInner::Host(Tensor::I64(_)) => unreachable!("checked float32 above"),
+            ValueInner::Tract(v) => {
+                v.write_at(axis, at, &row)?;
+                true
+            }
+            ValueInner::Ort(v) => v.write_at(axis, at, &row)?,
+        };
+        if !written {
+            let mut a = self.to_host_f32()?;
+            a.index_axis_mut(ndarray::Axis(axis), at).assign(&row);
+            self.inner = ValueInner::Host(Tensor::F32(a));
+        }
+        Ok(())
+    }
+
     pub(crate) fn as_tract(&self) -> Option<&tract::TractValue> {
         match &self.inner {
             ValueInner::Tract(v) => Some(v),
@@ -295,6 +342,13 @@ pub trait GraphRunner: Send {
     /// `outputs` says. Inputs may be host tensors or values this backend returned earlier (values
     /// of the other backend go through the host).
     fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>>;
+
+    /// `t` as a value this backend takes without a copy on every run and that
+    /// [`Value::write_at`] changes in place (e.g. a decode cache); a host array where the backend
+    /// cannot hold it in host memory (a GPU session).
+    fn hold(&self, t: Tensor) -> Result<Value> {
+        Ok(Value::host(t))
+    }
 
     /// Inputs in input_names() order; returns every output in output_names() order, as f32.
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<ArrayD<f32>>> {

@@ -917,6 +917,26 @@ impl GraphRunner for OrtRunner {
         KIND
     }
 
+    fn hold(&self, t: super::Tensor) -> Result<Value> {
+        if !self.backend_memory.is_cpu_accessible() {
+            return Ok(Value::host(t));
+        }
+        let (shape, elem) = (t.shape().to_vec(), t.elem_type());
+        let made = match t {
+            super::Tensor::F32(a) => {
+                ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
+                    .map(|t| t.upcast())
+            }
+            super::Tensor::I64(a) => {
+                ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
+                    .map(|t| t.upcast())
+            }
+        };
+        let held = made
+            .map_err(|e| backend_error(KIND, &self.path, format!("cannot hold a tensor: {e}")))?;
+        Ok(Value::ort(OrtValue(held), shape, elem))
+    }
+
     fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>> {
         check_inputs(KIND, &self.path, &self.input_specs, inputs)?;
         check_outputs(KIND, &self.path, &self.output_names, &outputs)?;
@@ -1013,6 +1033,25 @@ impl OrtValue {
 
     fn shape_and_type(&self) -> (Vec<usize>, ElemType) {
         (dims(self.0.shape()), elem_type(*self.0.data_type()))
+    }
+
+    /// Writes `row` at index `at` of `axis` when the data is in host memory; `false` (nothing
+    /// written) when it is not.
+    pub(crate) fn write_at(
+        &mut self,
+        axis: usize,
+        at: usize,
+        row: &ndarray::ArrayViewD<'_, f32>,
+    ) -> Result<bool> {
+        if !self.0.memory_info().is_cpu_accessible() {
+            return Ok(false);
+        }
+        let mut a = self
+            .0
+            .try_extract_array_mut::<f32>()
+            .map_err(|e| ort_error(format!("cannot write into a tensor: {e}")))?;
+        a.index_axis_mut(ndarray::Axis(axis), at).assign(row);
+        Ok(true)
     }
 
     /// The device holding the data: `cpu`, `cuda:0`, ….

@@ -332,6 +332,15 @@ impl GraphRunner for TractRunner {
         KIND
     }
 
+    fn hold(&self, t: Tensor) -> Result<Value> {
+        let (shape, elem) = (t.shape().to_vec(), t.elem_type());
+        let v = match t {
+            Tensor::F32(a) => a.into_tvalue(),
+            Tensor::I64(a) => a.into_tvalue(),
+        };
+        Ok(Value::tract(TractValue(v), shape, elem))
+    }
+
     fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>> {
         check_inputs(KIND, &self.path, &self.input_specs, inputs)?;
         check_outputs(KIND, &self.path, &self.output_names, &outputs)?;
@@ -560,6 +569,31 @@ pub struct TractValue(TValue);
 impl TractValue {
     pub(crate) fn data_address(&self) -> usize {
         self.0.as_bytes().as_ptr() as usize
+    }
+
+    /// Writes `row` at index `at` of `axis`, in place unless a run still shares the tensor.
+    pub(crate) fn write_at(
+        &mut self,
+        axis: usize,
+        at: usize,
+        row: &ndarray::ArrayViewD<'_, f32>,
+    ) -> Result<()> {
+        let fail = |e: tract_onnx::prelude::TractError| Error::Backend {
+            backend: KIND.name(),
+            message: format!("cannot write into a tract tensor: {e:#}"),
+        };
+        use tract_onnx::prelude::IntoTensor;
+        let taken = std::mem::replace(
+            &mut self.0,
+            tract_onnx::prelude::tensor0(0f32).into_tvalue(),
+        );
+        let mut t = taken.into_tensor();
+        t.to_plain_array_view_mut::<f32>()
+            .map_err(fail)?
+            .index_axis_mut(ndarray::Axis(axis), at)
+            .assign(row);
+        self.0 = t.into_tvalue();
+        Ok(())
     }
 
     pub(crate) fn to_array_f32(&self) -> Result<ArrayD<f32>> {
