@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Validates famc graphs: onnx.checker (full_check) and strict shape inference, plus famc's rules.
+"""Validates famc graphs: onnx.checker (full_check) and strict shape inference, plus famc's rules
+and, for an export directory, that every graph declares exactly famc.json's contract for it.
 
 Usage: check_graphs.py FILE.onnx|EXPORT_DIR ...   Exit status 1 on the first failure.
 """
@@ -16,16 +17,33 @@ FORBIDDEN_OPS = {"If", "Loop", "Scan"}
 TARGETS = {17: 10, 23: 11}
 
 
+ELEM = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+
 def graphs_of(path):
+    """(graph path, its contract from famc.json or None) for a graph file or an export directory."""
     if os.path.isdir(path):
         with open(os.path.join(path, "famc.json")) as f:
             manifest = json.load(f)
-        files = [f for key in ("block", "init", "decode", "fam_kv") if (f := manifest["graphs"].get(key))]
-        return [os.path.join(path, f) for f in files]
-    return [path]
+        keys = [k for k in ("block", "init", "decode", "fam_kv") if manifest["graphs"].get(k)]
+        missing = [k for k in keys if k not in manifest["contract"]]
+        assert not missing, f"famc.json has no contract for {missing}"
+        return [(os.path.join(path, manifest["graphs"][k]), manifest["contract"][k]) for k in keys]
+    return [(path, None)]
 
 
-def check(path):
+def check_contract(g, contract):
+    """The graph declares exactly its contract's inputs and outputs, in order, types and shapes."""
+    for what, have, want in (("inputs", g.input, contract["inputs"]), ("outputs", g.output, contract["outputs"])):
+        assert [v.name for v in have] == [io["name"] for io in want], f"{what} {[v.name for v in have]} differ from the contract's"
+        for vi, io in zip(have, want):
+            t = vi.type.tensor_type
+            assert t.elem_type == ELEM[io["type"]], f"{vi.name}: element type {t.elem_type}, contract {io['type']}"
+            dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+            assert dims == io["shape"], f"{vi.name}: shape {dims}, contract {io['shape']}"
+
+
+def check(path, contract=None):
     # Loading by path lets the checker find external data beside the graph.
     onnx.checker.check_model(path, full_check=True)
     model = onnx.load(path)
@@ -50,6 +68,8 @@ def check(path):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param"):
                 assert d.dim_param in ("batch", "T"), f"{vi.name}: dynamic dim {d.dim_param!r} (only batch and T may be)"
+    if contract is not None:
+        check_contract(g, contract)
     print(f"ok {path}: {len(g.node)} nodes, opset {[o.version for o in model.opset_import]}")
 
 
@@ -58,9 +78,14 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     for arg in argv[1:]:
-        for path in graphs_of(arg):
+        try:
+            graphs = graphs_of(arg)
+        except Exception as e:
+            print(f"FAILED {arg}: {e}", file=sys.stderr)
+            return 1
+        for path, contract in graphs:
             try:
-                check(path)
+                check(path, contract)
             except Exception as e:  # report which graph failed, then fail
                 print(f"FAILED {path}: {e}", file=sys.stderr)
                 return 1

@@ -3,6 +3,7 @@
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
+use crate::contract::{IoDim, Role};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 use std::sync::Arc;
@@ -220,14 +221,133 @@ pub struct FamDecoder<'m> {
     /// Per layer: cache keys then values [1, Hkv, L, Dh], held by the decode graph's backend;
     /// `None` only after a failed call.
     cache: Option<Vec<Value>>,
-    /// Where each layer's FAM, memory keys and memory values lie in the state.
-    layout: Vec<LayerState>,
+    /// How the decode and FAM-kv graphs meet the stream, by famc.json's roles.
+    binding: DecodeBinding,
 }
 
+/// Where a decode or FAM-kv graph input comes from.
 #[derive(Debug, Clone, Copy)]
-struct LayerState {
-    fam: Option<usize>,
-    mem: Option<(usize, usize)>,
+enum Feed {
+    Token,
+    Position,
+    BlockIndex,
+    /// The stream state's tensor at this index of famc.json's `state` list.
+    State(usize),
+    /// The FAM-kv graph's output at this index.
+    FamKv(usize),
+    /// The decoder's cache at this index.
+    Cache(usize),
+}
+
+/// The decode and FAM-kv graphs' inputs and outputs, bound once by the roles of famc.json's
+/// contract.
+#[derive(Debug)]
+struct DecodeBinding {
+    decode: Vec<Feed>,
+    fam_kv: Vec<Feed>,
+    /// The decode graph's logits output.
+    logits: usize,
+    /// The decode graph's new key/value rows: (output index, cache index).
+    rows: Vec<(usize, usize)>,
+    /// The shape of each cache the decoder keeps (one stream).
+    caches: Vec<Vec<usize>>,
+}
+
+impl DecodeBinding {
+    fn new(m: &crate::export::Manifest, dir: &std::path::Path) -> Result<Self> {
+        let err = |message: String| Error::Export {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let c = &m.contract;
+        let state_index = |role: Role, layer: Option<usize>| {
+            m.state
+                .iter()
+                .position(|s| s.kind == role && Some(s.layer) == layer)
+        };
+        let mut caches: Vec<(Role, Option<usize>, Vec<usize>)> = Vec::new();
+        let mut feed = |graph: &str, io: &crate::contract::Io| -> Result<Feed> {
+            let unfed = || {
+                err(format!(
+                    "{graph} graph input `{}` has role {}, which famc's decoder cannot feed",
+                    io.name, io.role
+                ))
+            };
+            Ok(match io.role {
+                Role::InputIds if graph == "decode" => Feed::Token,
+                Role::Position if graph == "decode" => Feed::Position,
+                Role::BlockIndex if graph == "fam_kv" => Feed::BlockIndex,
+                Role::Fam | Role::MemK | Role::MemV => {
+                    Feed::State(state_index(io.role, io.layer).ok_or_else(unfed)?)
+                }
+                Role::FamK | Role::FamV if graph == "decode" => Feed::FamKv(
+                    c.fam_kv
+                        .as_ref()
+                        .and_then(|g| g.output_index(io.role, io.layer))
+                        .ok_or_else(unfed)?,
+                ),
+                Role::CacheK | Role::CacheV if graph == "decode" => {
+                    let shape = io
+                        .shape
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            IoDim::Fixed(n) => Some(*n),
+                            IoDim::Sym(_) => (i == 0).then_some(1),
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(unfed)?;
+                    caches.push((io.role, io.layer, shape));
+                    Feed::Cache(caches.len() - 1)
+                }
+                _ => return Err(unfed()),
+            })
+        };
+        let decode = c
+            .decode
+            .inputs
+            .iter()
+            .map(|io| feed("decode", io))
+            .collect::<Result<Vec<_>>>()?;
+        let fam_kv = match &c.fam_kv {
+            Some(g) => g
+                .inputs
+                .iter()
+                .map(|io| feed("fam_kv", io))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let logits = c
+            .decode
+            .output_index(Role::Logits, None)
+            .ok_or_else(|| err("famc.json's contract gives the decode graph no logits".into()))?;
+        let rows = caches
+            .iter()
+            .enumerate()
+            .map(|(i, &(role, layer, _))| {
+                let new = if role == Role::CacheK {
+                    Role::NewK
+                } else {
+                    Role::NewV
+                };
+                c.decode
+                    .output_index(new, layer)
+                    .map(|o| (o, i))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "famc.json's contract gives the decode graph no {new} output for layer {layer:?}"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeBinding {
+            decode,
+            fam_kv,
+            logits,
+            rows,
+            caches: caches.into_iter().map(|(_, _, shape)| shape).collect(),
+        })
+    }
 }
 
 impl<'m> FamDecoder<'m> {
@@ -242,36 +362,28 @@ impl<'m> FamDecoder<'m> {
         let dir = model.export_dir();
         let graphs = model.decode_graphs()?;
         let fam_kv = graphs.fam_kv.as_ref();
-        let d = &m.model;
-        let find = |layer: usize, kind: &str| {
-            m.state
-                .iter()
-                .position(|s| s.layer == layer && s.kind == kind)
-        };
-        let layout = (0..d.num_layers)
-            .map(|l| LayerState {
-                fam: find(l, "fam"),
-                mem: find(l, "mem_k").zip(find(l, "mem_v")),
-            })
-            .collect::<Vec<_>>();
-        if fam_kv.is_some() && layout.iter().any(|l| l.fam.is_none()) {
+        let binding = DecodeBinding::new(m, dir)?;
+        if fam_kv.is_none() && binding.decode.iter().any(|f| matches!(f, Feed::FamKv(_))) {
             return Err(Error::Export {
                 dir: dir.to_path_buf(),
                 message:
-                    "the export has a fam_kv graph but famc.json lists no FAM state for every layer"
+                    "the decode graph takes FAM keys and values but the export has no fam_kv graph"
                         .into(),
             });
         }
-        let cache_shape = [1, d.num_kv_heads, m.fam.block_len, d.head_dim];
-        let zeros = || Tensor::F32(ArrayD::<f32>::zeros(IxDyn(&cache_shape)));
+        let zeros = |shape: &[usize]| Tensor::F32(ArrayD::<f32>::zeros(IxDyn(shape)));
         let cache = if model.run_options().host_state {
-            (0..2 * d.num_layers)
-                .map(|_| Value::host(zeros()))
+            binding
+                .caches
+                .iter()
+                .map(|s| Value::host(zeros(s)))
                 .collect()
         } else {
             let runner = graphs.decode.lock().unwrap_or_else(|e| e.into_inner());
-            (0..2 * d.num_layers)
-                .map(|_| runner.hold(zeros()))
+            binding
+                .caches
+                .iter()
+                .map(|s| runner.hold(zeros(s)))
                 .collect::<Result<Vec<_>>>()?
         };
         Ok(FamDecoder {
@@ -281,7 +393,7 @@ impl<'m> FamDecoder<'m> {
             block: Vec::new(),
             fam_kv_values: None,
             cache: Some(cache),
-            layout,
+            binding,
         })
     }
 
@@ -311,12 +423,15 @@ impl<'m> FamDecoder<'m> {
             self.state.block_index() as i64,
         )));
         let values = self.state.values();
-        let mut inputs = vec![&tau];
-        inputs.extend(
-            self.layout
-                .iter()
-                .map(|l| &values[l.fam.expect("checked in new")]),
-        );
+        let inputs: Vec<&Value> = self
+            .binding
+            .fam_kv
+            .iter()
+            .map(|feed| match *feed {
+                Feed::State(i) => &values[i],
+                _ => &tau,
+            })
+            .collect();
         let host = self.model.run_options().host_state;
         let outputs = (0..runner.output_names().len())
             .map(|_| {
@@ -357,28 +472,40 @@ impl<'m> FamDecoder<'m> {
             self.position() as i64,
         )));
         let state = self.state.values();
-        let mut inputs = vec![&token_value, &pos];
-        for (l, layer) in self.layout.iter().enumerate() {
-            if let Some(kv) = &self.fam_kv_values {
-                inputs.extend([&kv[2 * l], &kv[2 * l + 1]]);
-            }
-            if let Some((k, v)) = layer.mem {
-                inputs.extend([&state[k], &state[v]]);
-            }
-            inputs.extend([&cache[2 * l], &cache[2 * l + 1]]);
-        }
-        let outputs = (0..1 + cache.len()).map(|_| OutputTo::Host).collect();
-        let mut out = self
+        let fam_kv = self.fam_kv_values.as_deref().unwrap_or(&[]);
+        let inputs = self
+            .binding
+            .decode
+            .iter()
+            .map(|feed| match *feed {
+                Feed::Token => Ok(&token_value),
+                Feed::Position => Ok(&pos),
+                Feed::State(i) => Ok(&state[i]),
+                Feed::Cache(i) => Ok(&cache[i]),
+                Feed::FamKv(i) => fam_kv.get(i).ok_or_else(|| {
+                    Error::Input("the FAM-kv graph returned too few outputs".into())
+                }),
+                Feed::BlockIndex => unreachable!("the decode graph takes no block index"),
+            })
+            .collect::<Result<Vec<&Value>>>()?;
+        let outputs = (0..m.contract.decode.outputs.len())
+            .map(|_| OutputTo::Host)
+            .collect();
+        let mut out: Vec<Option<Value>> = self
             .graphs
             .decode
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .run_values(&inputs, outputs)?
-            .into_iter();
-        let logits = out
-            .next()
-            .ok_or_else(|| Error::Input("the decode graph returned nothing".into()))?
-            .into_host_f32()?;
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut take = |i: usize| {
+            out.get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| Error::Input(format!("the decode graph returned no output #{i}")))
+        };
+        let logits = take(self.binding.logits)?.into_host_f32()?;
         if let Some(v) = logits.iter().find(|v| !v.is_finite()) {
             return Err(Error::Backend {
                 backend: self.model.backend().name(),
@@ -388,17 +515,15 @@ impl<'m> FamDecoder<'m> {
                 ),
             });
         }
-        let rows: Vec<Value> = out.collect();
-        if rows.len() != cache.len() {
-            return Err(Error::Input(format!(
-                "the decode graph returned {} key/value rows, expected {}",
-                rows.len(),
-                cache.len()
-            )));
-        }
+        let rows = self
+            .binding
+            .rows
+            .iter()
+            .map(|&(o, c)| Ok((take(o)?, c)))
+            .collect::<Result<Vec<_>>>()?;
         let mut cache = cache;
-        for (c, row) in cache.iter_mut().zip(&rows) {
-            c.write_at(2, self.block.len(), row)?;
+        for (row, c) in &rows {
+            cache[*c].write_at(2, self.block.len(), row)?;
         }
         self.cache = Some(cache);
         self.block.push(token);

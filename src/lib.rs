@@ -4,10 +4,12 @@
 //! - [`model`] reads Hugging Face checkpoints (config.json + safetensors);
 //! - [`reference`] is the pure-Rust f64 reference of `FAM-SPEC.md`;
 //! - [`onnx`] and [`builder`] write ONNX graphs;
+//! - [`contract`] says what every graph input and output carries, for binding by role;
 //! - [`io`] reads token ids and writes results atomically.
 
 pub mod bench;
 pub mod builder;
+pub mod contract;
 pub mod doctor;
 pub mod emit;
 pub mod error;

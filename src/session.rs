@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
 
+use crate::contract::Role;
 use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams, MAX_POSITION};
@@ -22,19 +23,24 @@ pub fn initial_state(
     let mut init_outputs = Vec::new();
     if let Some(init_path) = export.init_path() {
         let mut init = open_graph(backend, &init_path, opts)?;
-        let outs = init.run(Vec::new())?;
-        init_outputs = init.output_names().iter().cloned().zip(outs).collect();
+        init_outputs = init.run(Vec::new())?;
     }
     let mut initial = Vec::with_capacity(manifest.state.len());
     for st in &manifest.state {
         let value = match &st.init {
             Some(name) => {
-                let (_, v) = init_outputs
-                    .iter()
-                    .find(|(n, _)| n == name)
+                let v = manifest
+                    .contract
+                    .init
+                    .as_ref()
+                    .and_then(|c| c.output_index(Role::InitFam, Some(st.layer)))
+                    .and_then(|i| init_outputs.get(i))
                     .ok_or_else(|| Error::Export {
                         dir: export.dir.clone(),
-                        message: format!("the init graph has no output `{name}`"),
+                        message: format!(
+                            "the init graph has no output `{name}` for layer {}",
+                            st.layer
+                        ),
                     })?;
                 if v.shape() != st.shape.as_slice() {
                     return Err(Error::Export {
@@ -213,6 +219,82 @@ pub struct DecodeGraphs {
     pub fam_kv: Option<Mutex<Box<dyn GraphRunner>>>,
 }
 
+/// Where a block-graph input comes from.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    Ids,
+    BlockIndex,
+    /// The stream state's tensor at this index of famc.json's `state` list.
+    State(usize),
+}
+
+/// How the block graph's inputs and outputs meet a stream, bound once by the roles of famc.json's
+/// contract.
+#[derive(Debug)]
+struct BlockBinding {
+    /// Per graph input, in graph order.
+    inputs: Vec<Feed>,
+    /// How many outputs the graph has.
+    outputs: usize,
+    /// The logits' output index.
+    logits: usize,
+    /// Per state tensor (famc.json's order): the output index of its next value.
+    next: Vec<usize>,
+}
+
+impl BlockBinding {
+    fn new(m: &Manifest, dir: &Path) -> Result<Self> {
+        let err = |message: String| Error::Export {
+            dir: dir.to_path_buf(),
+            message,
+        };
+        let c = &m.contract.block;
+        let state_index = |role: Role, layer: Option<usize>| {
+            m.state
+                .iter()
+                .position(|s| s.kind == role && Some(s.layer) == layer)
+        };
+        let inputs = c
+            .inputs
+            .iter()
+            .map(|io| match io.role {
+                Role::InputIds => Ok(Feed::Ids),
+                Role::BlockIndex => Ok(Feed::BlockIndex),
+                role => state_index(role, io.layer).map(Feed::State).ok_or_else(|| {
+                    err(format!(
+                        "block graph input `{}` has role {role}, which is no state tensor famc.json lists",
+                        io.name
+                    ))
+                }),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let logits = c
+            .output_index(Role::Logits, None)
+            .ok_or_else(|| err("famc.json's contract gives the block graph no logits".into()))?;
+        let next = m
+            .state
+            .iter()
+            .map(|st| {
+                st.kind
+                    .next()
+                    .and_then(|r| c.output_index(r, Some(st.layer)))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "famc.json's contract gives state `{}` no next value",
+                            st.input
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BlockBinding {
+            inputs,
+            outputs: c.outputs.len(),
+            logits,
+            next,
+        })
+    }
+}
+
 /// A FAM model loaded on a backend: its block graph and initial state.
 ///
 /// The model is immutable once opened and may be shared across threads (`&FamModel` is `Sync`);
@@ -221,6 +303,7 @@ pub struct FamModel {
     manifest: Manifest,
     backend: BackendKind,
     block: Mutex<Box<dyn GraphRunner>>,
+    binding: BlockBinding,
     initial: Vec<ArrayD<f32>>,
     dir: std::path::PathBuf,
     opts: RunOptions,
@@ -324,12 +407,14 @@ impl FamModel {
             .clone()
             .with_fixed_dim("batch", 1)
             .with_fixed_dim("T", manifest.fam.block_len);
+        let binding = BlockBinding::new(&manifest, &export.dir)?;
         let block = open_graph(backend, &export.block_path(), &block_opts)?;
         let initial = initial_state(&export, backend, opts)?;
         Ok(FamModel {
             manifest,
             backend,
             block: Mutex::new(block),
+            binding,
             initial,
             dir: export.dir.clone(),
             opts: opts.clone(),
@@ -570,27 +655,47 @@ impl FamModel {
             )
             .expect("sized"),
         ));
-        let mut inputs = vec![&ids, &tau];
-        inputs.extend(state.iter());
+        let bind = &self.binding;
+        let inputs: Vec<&Value> = bind
+            .inputs
+            .iter()
+            .map(|feed| match *feed {
+                Feed::Ids => &ids,
+                Feed::BlockIndex => &tau,
+                Feed::State(i) => &state[i],
+            })
+            .collect();
         let advance = t == l_len && spare.is_some();
         let mut spare = spare.map(std::mem::take).unwrap_or_default().into_iter();
-        let mut outputs = vec![OutputTo::Host];
-        for _ in state {
-            outputs.push(match (advance, self.opts.host_state, spare.next()) {
+        let mut places: Vec<Option<OutputTo>> = (0..bind.outputs).map(|_| None).collect();
+        places[bind.logits] = Some(OutputTo::Host);
+        for &o in &bind.next {
+            places[o] = Some(match (advance, self.opts.host_state, spare.next()) {
                 (true, true, _) => OutputTo::Host,
                 (true, false, Some(buffer)) => OutputTo::Reuse(buffer),
                 _ => OutputTo::Backend,
             });
         }
+        let places = places
+            .into_iter()
+            .map(|p| p.unwrap_or(OutputTo::Backend))
+            .collect();
         let outputs = {
             // a poisoned lock only means another stream's call panicked; the runner itself is intact
             let mut runner = self.block.lock().unwrap_or_else(|e| e.into_inner());
-            runner.run_values(&inputs, outputs)?
+            runner.run_values(&inputs, places)?
         };
-        let mut outputs = outputs.into_iter();
-        let mut logits = outputs
-            .next()
-            .ok_or_else(|| self.backend_error("no logits output"))?
+        if outputs.len() != bind.outputs {
+            return Err(self.backend_error(&format!(
+                "the block graph returned {} outputs, famc.json's contract lists {}",
+                outputs.len(),
+                bind.outputs
+            )));
+        }
+        let mut outputs: Vec<Option<Value>> = outputs.into_iter().map(Some).collect();
+        let mut logits = outputs[bind.logits]
+            .take()
+            .expect("each output taken once")
             .into_host_f32()?;
         if logits.shape() != [batch, t_run, vocab] {
             return Err(self.backend_error(&format!(
@@ -611,7 +716,11 @@ impl FamModel {
             )));
         }
         let next = if advance {
-            let next: Vec<Value> = outputs.collect();
+            let next: Vec<Value> = bind
+                .next
+                .iter()
+                .map(|&o| outputs[o].take().expect("each output taken once"))
+                .collect();
             if next.len() != state.len()
                 || next.iter().zip(state).any(|(n, v)| n.shape() != v.shape())
             {

@@ -187,15 +187,15 @@ pub fn config_pbtxt(export: &ExportDir, opts: &TritonOptions) -> String {
         let initial = if st.init.is_some() {
             format!(
                 "initial_state {{ data_type: TYPE_FP32 dims: [ {shape} ] name: \"FAM prompt\" data_file: \"{}\" }}",
-                initial_file(st.layer, &st.kind, width)
+                initial_file(st.layer, st.kind.name(), width)
             )
         } else {
             format!("initial_state {{ data_type: TYPE_FP32 dims: [ {shape} ] name: \"zeros\" zero_data: true }}")
         };
         entries.push(format!(
             "    {{\n      input_name: \"{}\"\n      output_name: \"{}\"\n      data_type: TYPE_FP32\n      dims: [ {shape} ]\n      {initial}\n    }}",
-            state_name("in", st.layer, &st.kind, width),
-            state_name("out", st.layer, &st.kind, width),
+            state_name("in", st.layer, st.kind.name(), width),
+            state_name("out", st.layer, st.kind.name(), width),
         ));
     }
     entries.push(format!(
@@ -316,7 +316,7 @@ pub fn write_repository(export_dir: &Path, repo: &Path, opts: &TritonOptions) ->
                 raw.extend_from_slice(&x.to_le_bytes());
             }
             write(
-                &init_dir.join(initial_file(st.layer, &st.kind, width)),
+                &init_dir.join(initial_file(st.layer, st.kind.name(), width)),
                 &raw,
             )?;
         }

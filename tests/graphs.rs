@@ -180,7 +180,7 @@ fn graph_state_equals_reference_state() {
         assert_eq!(gs[0].location(), want_location);
         let manifest = m.manifest().clone();
         for (st, value) in manifest.state.iter().zip(gs[0].to_host().unwrap()) {
-            let want = match st.kind.as_str() {
+            let want = match st.kind.name() {
                 "fam" => rs.fam[st.layer].clone().into_dyn(),
                 "mem_k" => rs.padded_mem_k(st.layer, p.mem_len()).into_dyn(),
                 _ => rs.padded_mem_v(st.layer, p.mem_len()).into_dyn(),
@@ -325,6 +325,50 @@ fn broken_exports_are_refused_clearly() {
     m["format_version"] = 99.into();
     std::fs::write(d.join("famc.json"), m.to_string()).unwrap();
     assert!(open_err(&d).contains("format_version 99"));
+
+    // famc.json's contract is checked against every graph and against its state list
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = copy(name);
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("famc.json")).unwrap()).unwrap();
+        f(&mut m);
+        std::fs::write(d.join("famc.json"), m.to_string()).unwrap();
+        open_err(&d)
+    };
+    let e = edit("swapped-roles", &|m| {
+        let inputs = m["contract"]["decode"]["inputs"].as_array_mut().unwrap();
+        let (a, b) = (inputs[2]["name"].clone(), inputs[3]["name"].clone());
+        inputs[2]["name"] = b;
+        inputs[3]["name"] = a;
+    });
+    assert!(
+        e.contains("decode.onnx") && e.contains("contract") && e.contains("fam_k.0"),
+        "{e}"
+    );
+    let e = edit("cache-shape", &|m| {
+        let inputs = m["contract"]["decode"]["inputs"].as_array_mut().unwrap();
+        let cache = inputs
+            .iter_mut()
+            .find(|io| io["role"] == "cache_k")
+            .unwrap();
+        cache["shape"][2] = 99.into();
+    });
+    assert!(e.contains("cache_k.0") && e.contains("99"), "{e}");
+    let e = edit("state-role", &|m| {
+        m["contract"]["block"]["inputs"][2]["role"] = "mem_v".into();
+    });
+    assert!(e.contains("state `fam.0`") && e.contains("contract"), "{e}");
+    let e = edit("no-fam-kv-contract", &|m| {
+        m["contract"].as_object_mut().unwrap().remove("fam_kv");
+    });
+    assert!(
+        e.contains("fam_kv") && e.contains("lacks a contract"),
+        "{e}"
+    );
+    let e = edit("unknown-role", &|m| {
+        m["contract"]["decode"]["inputs"][1]["role"] = "timestamp".into();
+    });
+    assert!(e.contains("famc.json") && e.contains("timestamp"), "{e}");
 
     let d = copy("noinit");
     std::fs::remove_file(d.join("init.onnx")).unwrap();

@@ -68,7 +68,7 @@ fn host_state(m: &FamModel, rs: &reference::StreamState) -> StreamState {
         .state
         .iter()
         .map(|st| {
-            let a: ArrayD<f64> = match st.kind.as_str() {
+            let a: ArrayD<f64> = match st.kind.name() {
                 "fam" => rs.fam[st.layer].clone().into_dyn(),
                 "mem_k" => rs.padded_mem_k(st.layer, P.mem_len()).into_dyn(),
                 _ => rs.padded_mem_v(st.layer, P.mem_len()).into_dyn(),

@@ -1,8 +1,10 @@
 //! The block graph (docs/graph-contract.md, `block.onnx`).
 
+use super::io::{contract, Declared};
 use super::masks::BlockRows;
-use super::{builder, fixed, names, reorder_outputs, sym, EmitSpec, Emitter, BATCH, TOKENS};
+use super::{builder, EmitSpec, Emitter};
 use crate::builder::{DType, GraphBuilder, Value};
+use crate::contract::Role;
 use crate::error::Result;
 use crate::onnx;
 
@@ -12,35 +14,22 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let w = spec.weights;
     let p = spec.fam;
     p.validate()?;
-    let (d, hkv, dh, v_size) = (
-        cfg.hidden_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.vocab_size,
-    );
     let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
     let em = Emitter { spec };
     let mut b = builder(spec, "famc_block");
-    let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), sym(TOKENS)]);
-    let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
-    let mut state_in = Vec::new();
-    for l in 0..cfg.num_layers {
-        let fam = (f > 0).then(|| {
-            b.input(
-                &names::fam(l),
-                DType::F32,
-                vec![sym(BATCH), fixed(f), fixed(d)],
-            )
-        });
-        let mem = (ml > 0).then(|| {
-            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
-            (
-                b.input(&names::mem_k(l), DType::F32, shape.clone()),
-                b.input(&names::mem_v(l), DType::F32, shape),
-            )
-        });
-        state_in.push((fam, mem));
-    }
+    let contract = contract(cfg, p);
+    let io = Declared::new(&mut b, &contract.block);
+    let ids = io.input(Role::InputIds, None).expect("in every contract");
+    let block_index = io.input(Role::BlockIndex, None).expect("in every contract");
+    let state_in: Vec<_> = (0..cfg.num_layers)
+        .map(|l| {
+            let fam = io.input(Role::Fam, Some(l));
+            let mem = io
+                .input(Role::MemK, Some(l))
+                .zip(io.input(Role::MemV, Some(l)));
+            (fam, mem)
+        })
+        .collect();
 
     // Positions, masks and the first-update factor, shared by every layer.
     let (rope, mask, first_factor) = b.scoped("block", |b| {
@@ -100,18 +89,13 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         let (out, k, v, _) = em.layer(&mut b, lw, &rows, &rope, with_memory, &residual)?;
         if fam.is_some() {
             let next_fam = b.slice(&out, &[0], &[f as i64], &[1], None);
-            b.output_with_shape(
-                &next_fam,
-                &names::next(&names::fam(l)),
-                vec![sym(BATCH), fixed(f), fixed(d)],
-            );
+            io.output(&mut b, Role::NextFam, Some(l), &next_fam);
             x = b.slice(&out, &[f as i64], &[i64::MAX], &[1], None);
         } else {
             x = out;
         }
         if let Some((mk, mv)) = mem {
-            let shape = vec![sym(BATCH), fixed(hkv), fixed(ml), fixed(dh)];
-            for (memory, new, input) in [(mk, &k, &names::mem_k(l)), (mv, &v, &names::mem_v(l))] {
+            for (memory, new, role) in [(mk, &k, Role::NextMemK), (mv, &v, Role::NextMemV)] {
                 let block_part = if f > 0 {
                     b.slice(new, &[f as i64], &[i64::MAX], &[2], None)
                 } else {
@@ -119,16 +103,12 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
                 };
                 let all = b.concat(&[memory, &block_part], 2);
                 let kept = b.slice(&all, &[-(ml as i64)], &[i64::MAX], &[2], None);
-                b.output_with_shape(&kept, &names::next(input), shape.clone());
+                io.output(&mut b, role, Some(l), &kept);
             }
         }
         b.pop_scope();
     }
     let logits = em.head(&mut b, &x)?;
-    b.output_with_shape(
-        &logits,
-        names::LOGITS,
-        vec![sym(BATCH), sym(TOKENS), fixed(v_size)],
-    );
-    reorder_outputs(b.finish()?)
+    io.output(&mut b, Role::Logits, None, &logits);
+    io.finish(b.finish()?)
 }

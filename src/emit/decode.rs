@@ -1,7 +1,9 @@
 //! The decode graph (docs/graph-contract.md, `decode.onnx`).
 
-use super::{builder, fixed, names, reorder_outputs, sym, EmitSpec, Emitter, BATCH};
-use crate::builder::{DType, GraphBuilder, Value};
+use super::io::{contract, Declared};
+use super::{builder, EmitSpec, Emitter};
+use crate::builder::{GraphBuilder, Value};
+use crate::contract::Role;
 use crate::error::Result;
 use crate::onnx;
 
@@ -18,38 +20,26 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let cfg = spec.config;
     let p = spec.fam;
     p.validate()?;
-    let (hkv, dh, v_size) = (cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
     let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
     let em = Emitter { spec };
     let mut b = builder(spec, "famc_decode");
-    let ids = b.input(names::INPUT_IDS, DType::I64, vec![sym(BATCH), fixed(1)]);
-    let position = b.input(names::POSITION, DType::I64, vec![sym(BATCH)]);
-    let kv_shape = |n: usize| vec![sym(BATCH), fixed(hkv), fixed(n), fixed(dh)];
+    let contract = contract(cfg, p);
+    let io = Declared::new(&mut b, &contract.decode);
+    let ids = io.input(Role::InputIds, None).expect("in the contract");
+    let position = io.input(Role::Position, None).expect("in the contract");
     struct LayerIn {
         fam: Option<(Value, Value)>,
         mem: Option<(Value, Value)>,
         cache: (Value, Value),
     }
-    let mut layer_in = Vec::new();
-    for l in 0..cfg.num_layers {
-        let fam = (f > 0).then(|| {
-            (
-                b.input(&names::fam_k(l), DType::F32, kv_shape(f)),
-                b.input(&names::fam_v(l), DType::F32, kv_shape(f)),
-            )
-        });
-        let mem = (ml > 0).then(|| {
-            (
-                b.input(&names::mem_k(l), DType::F32, kv_shape(ml)),
-                b.input(&names::mem_v(l), DType::F32, kv_shape(ml)),
-            )
-        });
-        let cache = (
-            b.input(&names::cache_k(l), DType::F32, kv_shape(l_len)),
-            b.input(&names::cache_v(l), DType::F32, kv_shape(l_len)),
-        );
-        layer_in.push(LayerIn { fam, mem, cache });
-    }
+    let pair = |a: Role, b: Role, l: usize| io.input(a, Some(l)).zip(io.input(b, Some(l)));
+    let layer_in: Vec<LayerIn> = (0..cfg.num_layers)
+        .map(|l| LayerIn {
+            fam: pair(Role::FamK, Role::FamV, l),
+            mem: pair(Role::MemK, Role::MemV, l),
+            cache: pair(Role::CacheK, Role::CacheV, l).expect("every layer has a cache"),
+        })
+        .collect();
 
     let (rope, mask) = b.scoped("decode", |b| {
         let l_c = b.scalar_i64(l_len as i64);
@@ -79,15 +69,11 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         };
         let (out, k, v, _) = em.layer(&mut b, lw, &x, &rope, attend, &x)?;
         b.pop_scope();
-        b.output_with_shape(&k, &names::new_k(l), kv_shape(1));
-        b.output_with_shape(&v, &names::new_v(l), kv_shape(1));
+        io.output(&mut b, Role::NewK, Some(l), &k);
+        io.output(&mut b, Role::NewV, Some(l), &v);
         x = out;
     }
     let logits = em.head(&mut b, &x)?;
-    b.output_with_shape(
-        &logits,
-        names::LOGITS,
-        vec![sym(BATCH), fixed(1), fixed(v_size)],
-    );
-    reorder_outputs(b.finish()?)
+    io.output(&mut b, Role::Logits, None, &logits);
+    io.finish(b.finish()?)
 }

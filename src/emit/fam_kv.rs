@@ -1,7 +1,9 @@
 //! The FAM keys/values graph (docs/graph-contract.md, `fam_kv.onnx`).
 
-use super::{builder, fixed, names, sym, EmitSpec, Emitter, BATCH};
-use crate::builder::{DType, Value};
+use super::io::{contract, Declared};
+use super::{builder, EmitSpec, Emitter};
+use crate::builder::Value;
+use crate::contract::Role;
 use crate::error::Result;
 use crate::onnx;
 
@@ -11,18 +13,17 @@ use crate::onnx;
 pub fn fam_kv_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let cfg = spec.config;
     let p = spec.fam;
-    let (d, hkv, dh, f) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, p.fam_len);
+    let f = p.fam_len;
     let em = Emitter { spec };
     let mut b = builder(spec, "famc_fam_kv");
-    let block_index = b.input(names::BLOCK_INDEX, DType::I64, vec![sym(BATCH)]);
+    let contract = contract(cfg, p);
+    let c = contract.fam_kv.as_ref().ok_or_else(|| {
+        crate::Error::Input("F = 0: an export without FAM has no fam_kv graph".into())
+    })?;
+    let io = Declared::new(&mut b, c);
+    let block_index = io.input(Role::BlockIndex, None).expect("in the contract");
     let fams: Vec<Value> = (0..cfg.num_layers)
-        .map(|l| {
-            b.input(
-                &names::fam(l),
-                DType::F32,
-                vec![sym(BATCH), fixed(f), fixed(d)],
-            )
-        })
+        .map(|l| io.input(Role::Fam, Some(l)).expect("F > 0"))
         .collect();
     let rope = b.scoped("fam", |b| {
         let l_c = b.scalar_i64(p.block_len as i64);
@@ -33,13 +34,12 @@ pub fn fam_kv_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         let pos = b.add(&start, &offsets);
         em.rope_tables(b, &pos)
     });
-    let shape = vec![sym(BATCH), fixed(hkv), fixed(f), fixed(dh)];
     for (l, lw) in spec.weights.layers.iter().enumerate() {
         b.push_scope(&format!("layers.{l}.attn"));
         let (_, k, v) = em.project(&mut b, lw, &fams[l], &rope, false)?;
         b.pop_scope();
-        b.output_with_shape(&k, &names::fam_k(l), shape.clone());
-        b.output_with_shape(&v, &names::fam_v(l), shape.clone());
+        io.output(&mut b, Role::FamK, Some(l), &k);
+        io.output(&mut b, Role::FamV, Some(l), &v);
     }
-    Ok(b.finish()?)
+    io.finish(b.finish()?)
 }

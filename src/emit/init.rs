@@ -1,7 +1,9 @@
 //! The init graph (docs/graph-contract.md, `init.onnx`).
 
-use super::{builder, fixed, names, EmitSpec, Emitter};
+use super::io::{contract, Declared};
+use super::{builder, EmitSpec, Emitter};
 use crate::builder::{GraphBuilder, TensorData, Value};
+use crate::contract::Role;
 use crate::error::Result;
 use crate::onnx;
 
@@ -12,6 +14,11 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let (f, d) = (spec.fam.fam_len, cfg.hidden_size);
     let em = Emitter { spec };
     let mut b = builder(spec, "famc_init");
+    let contract = contract(cfg, spec.fam);
+    let c = contract.init.as_ref().ok_or_else(|| {
+        crate::Error::Input("F = 0: an export without FAM has no init graph".into())
+    })?;
+    let io = Declared::new(&mut b, c);
     let prompt: Vec<f32> = match &w.fam_init {
         Some(a) => a.iter().copied().collect(),
         None => vec![0.0; f * d],
@@ -25,7 +32,7 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let rope = b.scoped("init", |b| em.rope_tables(b, &pos));
     for (l, lw) in w.layers.iter().enumerate() {
         let out = b.squeeze(&cur, &[0]);
-        b.output_with_shape(&out, &names::init_fam(l), vec![fixed(f), fixed(d)]);
+        io.output(&mut b, Role::InitFam, Some(l), &out);
         if l + 1 == w.layers.len() {
             break;
         }
@@ -37,5 +44,5 @@ pub fn init_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         b.pop_scope();
         cur = next;
     }
-    Ok(b.finish()?)
+    io.finish(b.finish()?)
 }

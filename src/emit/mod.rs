@@ -8,10 +8,10 @@
 //! gives both attention patterns of FAM-SPEC section 2: FAM rows see every FAM and block key and
 //! no memory; block rows see the valid memory, every FAM key and the block keys up to their own.
 
-use crate::builder::{Dim, GraphBuilder};
+use crate::builder::GraphBuilder;
 use crate::error::Result;
 use crate::model::{FamParams, LlamaWeights, ModelConfig};
-use crate::onnx::{self, Target};
+use crate::onnx::Target;
 
 /// Additive mask value for hidden keys: finite, so no row ever turns into NaN.
 const MASKED: f32 = -1e9;
@@ -23,6 +23,7 @@ mod embed;
 mod fam_kv;
 mod head;
 mod init;
+mod io;
 mod layer;
 mod linear;
 mod masks;
@@ -33,6 +34,7 @@ pub use block::block_graph;
 pub use decode::decode_graph;
 pub use fam_kv::fam_kv_graph;
 pub use init::init_graph;
+pub use io::contract;
 
 pub mod quant;
 pub mod triton;
@@ -168,14 +170,6 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
-fn sym(name: &str) -> Dim {
-    Dim::Sym(name.to_string())
-}
-
-fn fixed(n: usize) -> Dim {
-    Dim::Fixed(n as i64)
-}
-
 struct Emitter<'a> {
     spec: &'a EmitSpec<'a>,
 }
@@ -188,16 +182,4 @@ impl<'a> Emitter<'a> {
     fn target(&self) -> Target {
         self.spec.target
     }
-}
-
-/// Puts `logits` first, then the state outputs layer by layer, as the contract lists them.
-fn reorder_outputs(mut m: onnx::ModelProto) -> Result<onnx::ModelProto> {
-    if let Some(g) = m.graph.as_mut() {
-        let pos = g.output.iter().position(|o| o.name == names::LOGITS);
-        if let Some(i) = pos {
-            let logits = g.output.remove(i);
-            g.output.insert(0, logits);
-        }
-    }
-    Ok(m)
 }

@@ -181,8 +181,8 @@ pub fn sequence_graph(
         let mut input = take_input(g, &st.input)?;
         let mut output = take_output(g, &st.output)?;
         let (tin, tout) = (
-            state_name("in", st.layer, &st.kind, width),
-            state_name("out", st.layer, &st.kind, width),
+            state_name("in", st.layer, st.kind.name(), width),
+            state_name("out", st.layer, st.kind.name(), width),
         );
         let r = rank(&input);
         if r < 2 {

@@ -5,12 +5,14 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::contract::{Contract, IoDim, Role};
 use crate::error::{Error, Result};
 use crate::model::FamParams;
 use crate::onnx::Target;
 
 /// The export format version this famc writes and reads (2: `files` with sizes and hashes; 3: the
-/// decode graph returns each layer's new key/value row instead of the whole cache).
+/// decode graph returns each layer's new key/value row instead of the whole cache, and `contract`
+/// lists every graph's inputs and outputs).
 pub const FORMAT_VERSION: u32 = 3;
 
 /// The manifest file's name inside an export directory.
@@ -42,8 +44,8 @@ pub struct StateTensor {
     /// Shape without the leading batch dimension.
     pub shape: Vec<usize>,
     pub layer: usize,
-    /// `fam`, `mem_k` or `mem_v`.
-    pub kind: String,
+    /// The block graph input's role: `fam`, `mem_k` or `mem_v`.
+    pub kind: Role,
 }
 
 /// The graph files of an export.
@@ -80,6 +82,8 @@ pub struct Manifest {
     pub graphs: GraphFiles,
     /// State tensors in graph input order.
     pub state: Vec<StateTensor>,
+    /// Every input and output of every graph, with its role, layer and shape.
+    pub contract: Contract,
     /// Every other file of the export (graphs, their external data, tokenizer files) with its
     /// size and SHA-256, as written. Absent from the copy embedded in each graph, which is
     /// written before the hashes are known.
@@ -137,7 +141,86 @@ impl Manifest {
             )));
         }
         m.fam.validate()?;
+        m.check_contract().map_err(err)?;
         Ok(m)
+    }
+
+    /// The contract agrees with the rest of famc.json: one contract per graph file, the block
+    /// graph's state inputs and outputs those of `state`, logits over `vocab_size`.
+    fn check_contract(&self) -> std::result::Result<(), String> {
+        let c = &self.contract;
+        for (graph, file, contract) in [
+            ("init", &self.graphs.init, c.init.is_some()),
+            ("fam_kv", &self.graphs.fam_kv, c.fam_kv.is_some()),
+        ] {
+            if file.is_some() != contract {
+                return Err(format!(
+                    "famc.json {} the {graph} graph but {} a contract for it",
+                    if file.is_some() {
+                        "names"
+                    } else {
+                        "does not name"
+                    },
+                    if contract { "has" } else { "lacks" }
+                ));
+            }
+        }
+        let block = &c.block;
+        for st in &self.state {
+            let input = block.input(st.kind, Some(st.layer));
+            let output = st.kind.next().and_then(|r| block.output(r, Some(st.layer)));
+            let want: Vec<IoDim> = std::iter::once(IoDim::Sym("batch".into()))
+                .chain(st.shape.iter().map(|&d| IoDim::Fixed(d)))
+                .collect();
+            let fits = match (input, output) {
+                (Some(i), Some(o)) => {
+                    i.name == st.input && o.name == st.output && i.shape == want && o.shape == want
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(format!(
+                    "state `{}` (layer {}, {}) is not a block-graph input and output of famc.json's contract with that name and shape",
+                    st.input, st.layer, st.kind
+                ));
+            }
+            if let Some(init) = &st.init {
+                let named = c
+                    .init
+                    .as_ref()
+                    .and_then(|g| g.output(Role::InitFam, Some(st.layer)))
+                    .is_some_and(|o| &o.name == init);
+                if !named {
+                    return Err(format!(
+                        "state `{}` starts from init output `{init}`, which famc.json's contract does not list for layer {}",
+                        st.input, st.layer
+                    ));
+                }
+            }
+        }
+        let state_inputs = block
+            .inputs
+            .iter()
+            .filter(|io| io.role.next().is_some())
+            .count();
+        if state_inputs != self.state.len() {
+            return Err(format!(
+                "famc.json's contract gives the block graph {state_inputs} state inputs, its state list {}",
+                self.state.len()
+            ));
+        }
+        for (graph, g) in [("block", Some(block)), ("decode", Some(&c.decode))] {
+            let vocab = g
+                .and_then(|g| g.output(Role::Logits, None))
+                .and_then(|o| o.shape.last().cloned());
+            if vocab != Some(IoDim::Fixed(self.model.vocab_size)) {
+                return Err(format!(
+                    "famc.json's contract gives the {graph} graph no logits over vocab_size {}",
+                    self.model.vocab_size
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// This manifest as each graph embeds it: without `files`.

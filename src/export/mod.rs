@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use crate::builder::{save_model, StoreWriter};
+use crate::contract::{GraphContract, IoDim, IoType, Role};
 pub use crate::emit::WeightDtype;
 use crate::emit::{self, names, EmitSpec};
 use crate::error::{Error, Result};
@@ -107,18 +108,18 @@ pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
                 init: Some(names::init_fam(l)),
                 shape: vec![fam.fam_len, c.hidden_size],
                 layer: l,
-                kind: "fam".into(),
+                kind: Role::Fam,
             });
         }
         if fam.mem_blocks > 0 {
-            for (kind, input) in [("mem_k", names::mem_k(l)), ("mem_v", names::mem_v(l))] {
+            for (kind, input) in [(Role::MemK, names::mem_k(l)), (Role::MemV, names::mem_v(l))] {
                 out.push(StateTensor {
                     output: names::next(&input),
                     input,
                     init: None,
                     shape: vec![c.num_kv_heads, fam.mem_len(), c.head_dim],
                     layer: l,
-                    kind: kind.into(),
+                    kind,
                 });
             }
         }
@@ -186,6 +187,7 @@ fn manifest_for(
             fam_kv: (fam.fam_len > 0).then(|| FAM_KV_FILE.into()),
         },
         state: state_tensors(ck, fam),
+        contract: emit::contract(&ck.config, fam),
         files: Default::default(),
     })
 }
@@ -593,25 +595,24 @@ impl ExportDir {
             let g = read_structure(&dir.join(file)).map_err(|e| err(format!("{file}: {e}")))?;
             structures.push((file.clone(), g));
         }
-        check_block_graph(&structures[0].1, &manifest)
-            .map_err(|m| err(format!("{}: {m}", graphs.block)))?;
-        if let Some(init) = &graphs.init {
-            let g = &structures
-                .iter()
-                .find(|(f, _)| f == init)
-                .expect("read above")
-                .1;
-            let outs: Vec<String> = graph_io(g).1;
-            for st in &manifest.state {
-                if let Some(name) = &st.init {
-                    if !outs.contains(name) {
-                        return Err(err(format!(
-                            "{init} has no output `{name}` that famc.json names"
-                        )));
-                    }
-                }
+        let c = &manifest.contract;
+        let contracts = [
+            Some(&c.block),
+            c.init.as_ref(),
+            graphs.decode.as_ref().map(|_| &c.decode),
+            c.fam_kv.as_ref(),
+        ];
+        for (file, contract) in files.iter().zip(contracts) {
+            if let (Some(file), Some(contract)) = (file, contract) {
+                let g = &structures
+                    .iter()
+                    .find(|(f, _)| f == *file)
+                    .expect("read above")
+                    .1;
+                check_graph(g, contract).map_err(|m| err(format!("{file}: {m}")))?;
             }
-        } else if manifest.fam.fam_len > 0 {
+        }
+        if graphs.init.is_none() && manifest.fam.fam_len > 0 {
             return Err(err("famc.json has F > 0 but names no init graph".into()));
         }
         let want = serde_json::to_value(manifest.embedded()).expect("manifest serialises");
@@ -735,15 +736,6 @@ fn read_structure(path: &Path) -> std::result::Result<onnx::ModelProto, String> 
     onnx::ModelProto::decode(bytes.as_slice()).map_err(|e| format!("not an ONNX model: {e}"))
 }
 
-fn graph_io(m: &onnx::ModelProto) -> (Vec<String>, Vec<String>) {
-    let g = m.graph.as_ref();
-    let names = |v: Option<&Vec<onnx::ValueInfoProto>>| {
-        v.map(|v| v.iter().map(|i| i.name.clone()).collect())
-            .unwrap_or_default()
-    };
-    (names(g.map(|g| &g.input)), names(g.map(|g| &g.output)))
-}
-
 fn dims_of(vi: &onnx::ValueInfoProto) -> Option<Vec<Option<i64>>> {
     use onnx::tensor_shape_proto::dimension::Value as D;
     use onnx::type_proto::Value as T;
@@ -763,53 +755,58 @@ fn dims_of(vi: &onnx::ValueInfoProto) -> Option<Vec<Option<i64>>> {
     )
 }
 
-fn check_block_graph(m: &onnx::ModelProto, manifest: &Manifest) -> std::result::Result<(), String> {
+/// `m` declares exactly the inputs and outputs of `contract`, in order, with its element types
+/// and fixed dimensions.
+fn check_graph(m: &onnx::ModelProto, contract: &GraphContract) -> std::result::Result<(), String> {
     let g = m.graph.as_ref().ok_or("no graph")?;
-    let (inputs, outputs) = graph_io(m);
-    let mut want_in = vec![names::INPUT_IDS.to_string(), names::BLOCK_INDEX.to_string()];
-    want_in.extend(manifest.state.iter().map(|s| s.input.clone()));
-    if inputs != want_in {
-        return Err(format!(
-            "inputs {inputs:?} disagree with famc.json, which implies {want_in:?}"
-        ));
-    }
-    let mut want_out = vec![names::LOGITS.to_string()];
-    want_out.extend(manifest.state.iter().map(|s| s.output.clone()));
-    if outputs != want_out {
-        return Err(format!(
-            "outputs {outputs:?} disagree with famc.json, which implies {want_out:?}"
-        ));
-    }
-    for st in &manifest.state {
-        let vi = g
-            .input
-            .iter()
-            .find(|i| i.name == st.input)
-            .expect("checked above");
-        let dims =
-            dims_of(vi).ok_or_else(|| format!("input `{}` has no tensor shape", st.input))?;
-        let want: Vec<Option<i64>> = std::iter::once(None)
-            .chain(st.shape.iter().map(|&d| Some(d as i64)))
-            .collect();
-        if dims != want {
+    for (what, have, want) in [
+        ("inputs", &g.input, &contract.inputs),
+        ("outputs", &g.output, &contract.outputs),
+    ] {
+        let names: Vec<&str> = have.iter().map(|v| v.name.as_str()).collect();
+        let listed: Vec<&str> = want.iter().map(|io| io.name.as_str()).collect();
+        if names != listed {
             return Err(format!(
-                "input `{}` has shape {dims:?}, famc.json says [batch] + {:?}",
-                st.input, st.shape
+                "{what} {names:?} disagree with famc.json's contract, which lists {listed:?}"
             ));
         }
-    }
-    let logits = g
-        .output
-        .iter()
-        .find(|o| o.name == names::LOGITS)
-        .expect("checked above");
-    if let Some(dims) = dims_of(logits) {
-        if dims.last().copied().flatten() != Some(manifest.model.vocab_size as i64) {
-            return Err(format!(
-                "logits have shape {dims:?}, famc.json says vocab_size {}",
-                manifest.model.vocab_size
-            ));
+        for (vi, io) in have.iter().zip(want) {
+            let dims = dims_of(vi).ok_or_else(|| format!("`{}` has no tensor shape", io.name))?;
+            let fixed: Vec<Option<i64>> = io
+                .shape
+                .iter()
+                .map(|d| match d {
+                    IoDim::Fixed(n) => Some(*n as i64),
+                    IoDim::Sym(_) => None,
+                })
+                .collect();
+            let elem = elem_type_of(vi);
+            let want_elem = match io.dtype {
+                IoType::Float32 => onnx::tensor_proto::DataType::Float as i32,
+                IoType::Int64 => onnx::tensor_proto::DataType::Int64 as i32,
+            };
+            if dims != fixed || elem != Some(want_elem) {
+                return Err(format!(
+                    "`{}` is {:?} with shape {dims:?}; famc.json's contract says {:?} [{}]",
+                    io.name,
+                    elem,
+                    io.dtype,
+                    io.shape
+                        .iter()
+                        .map(IoDim::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
     }
     Ok(())
+}
+
+fn elem_type_of(vi: &onnx::ValueInfoProto) -> Option<i32> {
+    use onnx::type_proto::Value as T;
+    match vi.r#type.as_ref()?.value.as_ref()? {
+        T::TensorType(t) => Some(t.elem_type),
+        _ => None,
+    }
 }

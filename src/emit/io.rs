@@ -1,0 +1,244 @@
+//! The graph contract ([`crate::contract`]), produced here once: every graph declares its inputs
+//! and outputs from it, so the names, roles, order and shapes famc.json records are those of the
+//! graphs by construction.
+
+use super::{names, BATCH, TOKENS};
+use crate::builder::{DType, Dim, GraphBuilder, Value};
+use crate::contract::{Contract, GraphContract, Io, IoDim, IoType, Role};
+use crate::error::{Error, Result};
+use crate::model::{FamParams, ModelConfig};
+use crate::onnx;
+
+/// The contract of every graph of an export of `cfg` with `fam`.
+pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
+    let (d, hkv, dh, v) = (
+        cfg.hidden_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let (f, ml, l_len) = (fam.fam_len, fam.mem_len(), fam.block_len);
+    let n = IoDim::Fixed;
+    let batch = || IoDim::Sym(BATCH.into());
+    let io = |name: &str, role, layer, dtype, shape| Io {
+        name: name.into(),
+        role,
+        layer,
+        dtype,
+        shape,
+    };
+    let f32_io =
+        |name: &str, role, layer: usize, shape| io(name, role, Some(layer), IoType::Float32, shape);
+    let kv = |rows: usize| vec![batch(), n(hkv), n(rows), n(dh)];
+    let layers = 0..cfg.num_layers;
+
+    let mut block = GraphContract::default();
+    block.inputs.push(io(
+        names::INPUT_IDS,
+        Role::InputIds,
+        None,
+        IoType::Int64,
+        vec![batch(), IoDim::Sym(TOKENS.into())],
+    ));
+    block.inputs.push(io(
+        names::BLOCK_INDEX,
+        Role::BlockIndex,
+        None,
+        IoType::Int64,
+        vec![batch()],
+    ));
+    block.outputs.push(io(
+        names::LOGITS,
+        Role::Logits,
+        None,
+        IoType::Float32,
+        vec![batch(), IoDim::Sym(TOKENS.into()), n(v)],
+    ));
+    for l in layers.clone() {
+        let mut state = Vec::new();
+        if f > 0 {
+            state.push((names::fam(l), Role::Fam, vec![batch(), n(f), n(d)]));
+        }
+        if ml > 0 {
+            state.push((names::mem_k(l), Role::MemK, kv(ml)));
+            state.push((names::mem_v(l), Role::MemV, kv(ml)));
+        }
+        for (name, role, shape) in state {
+            let next = role.next().expect("a state role");
+            block
+                .outputs
+                .push(f32_io(&names::next(&name), next, l, shape.clone()));
+            block.inputs.push(f32_io(&name, role, l, shape));
+        }
+    }
+
+    let init = (f > 0).then(|| GraphContract {
+        inputs: Vec::new(),
+        outputs: layers
+            .clone()
+            .map(|l| f32_io(&names::init_fam(l), Role::InitFam, l, vec![n(f), n(d)]))
+            .collect(),
+    });
+
+    let fam_kv = (f > 0).then(|| {
+        let mut c = GraphContract::default();
+        c.inputs.push(io(
+            names::BLOCK_INDEX,
+            Role::BlockIndex,
+            None,
+            IoType::Int64,
+            vec![batch()],
+        ));
+        for l in layers.clone() {
+            c.inputs.push(f32_io(
+                &names::fam(l),
+                Role::Fam,
+                l,
+                vec![batch(), n(f), n(d)],
+            ));
+            c.outputs
+                .push(f32_io(&names::fam_k(l), Role::FamK, l, kv(f)));
+            c.outputs
+                .push(f32_io(&names::fam_v(l), Role::FamV, l, kv(f)));
+        }
+        c
+    });
+
+    let mut decode = GraphContract::default();
+    decode.inputs.push(io(
+        names::INPUT_IDS,
+        Role::InputIds,
+        None,
+        IoType::Int64,
+        vec![batch(), n(1)],
+    ));
+    decode.inputs.push(io(
+        names::POSITION,
+        Role::Position,
+        None,
+        IoType::Int64,
+        vec![batch()],
+    ));
+    decode.outputs.push(io(
+        names::LOGITS,
+        Role::Logits,
+        None,
+        IoType::Float32,
+        vec![batch(), n(1), n(v)],
+    ));
+    for l in layers {
+        if f > 0 {
+            decode
+                .inputs
+                .push(f32_io(&names::fam_k(l), Role::FamK, l, kv(f)));
+            decode
+                .inputs
+                .push(f32_io(&names::fam_v(l), Role::FamV, l, kv(f)));
+        }
+        if ml > 0 {
+            decode
+                .inputs
+                .push(f32_io(&names::mem_k(l), Role::MemK, l, kv(ml)));
+            decode
+                .inputs
+                .push(f32_io(&names::mem_v(l), Role::MemV, l, kv(ml)));
+        }
+        decode
+            .inputs
+            .push(f32_io(&names::cache_k(l), Role::CacheK, l, kv(l_len)));
+        decode
+            .inputs
+            .push(f32_io(&names::cache_v(l), Role::CacheV, l, kv(l_len)));
+        decode
+            .outputs
+            .push(f32_io(&names::new_k(l), Role::NewK, l, kv(1)));
+        decode
+            .outputs
+            .push(f32_io(&names::new_v(l), Role::NewV, l, kv(1)));
+    }
+    Contract {
+        block,
+        init,
+        decode,
+        fam_kv,
+    }
+}
+
+fn dims(shape: &[IoDim]) -> Vec<Dim> {
+    shape
+        .iter()
+        .map(|d| match d {
+            IoDim::Fixed(n) => Dim::Fixed(*n as i64),
+            IoDim::Sym(s) => Dim::Sym(s.clone()),
+        })
+        .collect()
+}
+
+/// A graph's inputs, declared from its contract, and its outputs, bound by role while it is built.
+pub(super) struct Declared<'c> {
+    contract: &'c GraphContract,
+    inputs: Vec<Value>,
+}
+
+impl<'c> Declared<'c> {
+    /// Declares every input of `contract` on `b`, in contract order.
+    pub fn new(b: &mut GraphBuilder, contract: &'c GraphContract) -> Self {
+        let inputs = contract
+            .inputs
+            .iter()
+            .map(|io| {
+                let dtype = match io.dtype {
+                    IoType::Float32 => DType::F32,
+                    IoType::Int64 => DType::I64,
+                };
+                b.input(&io.name, dtype, dims(&io.shape))
+            })
+            .collect();
+        Declared { contract, inputs }
+    }
+
+    /// The input with `role` and `layer` (`None` when the contract has none, e.g. FAM with F = 0).
+    pub fn input(&self, role: Role, layer: Option<usize>) -> Option<Value> {
+        let i = self
+            .contract
+            .inputs
+            .iter()
+            .position(|io| io.role == role && io.layer == layer)?;
+        Some(self.inputs[i].clone())
+    }
+
+    /// Makes `v` the output with `role` and `layer`, with the contract's name and shape.
+    pub fn output(&self, b: &mut GraphBuilder, role: Role, layer: Option<usize>, v: &Value) {
+        let io = self
+            .contract
+            .output(role, layer)
+            .unwrap_or_else(|| panic!("the contract has no {role:?} output for layer {layer:?}"));
+        b.output_with_shape(v, &io.name, dims(&io.shape));
+    }
+
+    /// Puts the finished graph's outputs in contract order, refusing a graph that lacks one.
+    pub fn finish(&self, mut m: onnx::ModelProto) -> Result<onnx::ModelProto> {
+        if let Some(g) = m.graph.as_mut() {
+            let mut outputs = std::mem::take(&mut g.output);
+            for io in &self.contract.outputs {
+                let i = outputs
+                    .iter()
+                    .position(|o| o.name == io.name)
+                    .ok_or_else(|| {
+                        Error::Input(format!(
+                            "graph `{}` lacks its contract's output `{}`",
+                            g.name, io.name
+                        ))
+                    })?;
+                g.output.push(outputs.remove(i));
+            }
+            if let Some(extra) = outputs.first() {
+                return Err(Error::Input(format!(
+                    "graph `{}` has an output its contract lacks: `{}`",
+                    g.name, extra.name
+                )));
+            }
+        }
+        Ok(m)
+    }
+}
