@@ -21,8 +21,6 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::cli::out::write(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-pub(crate) use {out, outln};
-
 /// Whether `e` (or one of its causes) is standard output's reader having gone away.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {

@@ -46,16 +46,24 @@ pub const GPU_ORT_HINT: &str = "install `onnxruntime-gpu==1.31.1` (CUDA 13, cuDN
 10 for --ep tensorrt) and set ORT_DYLIB_PATH to its capi/libonnxruntime.so.1.31.1, with the CUDA, \
 cuDNN and TensorRT libraries on LD_LIBRARY_PATH (scripts/gpu-check.sh shows how)";
 
-/// Which execution provider runs ONNX Runtime sessions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// Which execution provider runs ONNX Runtime sessions (`--ep`). Each variant's first paragraph
+/// is its `--help` text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum EpKind {
-    /// ONNX Runtime's CPU provider (its default; no registration).
+    /// ONNX Runtime's CPU provider.
+    ///
+    /// ONNX Runtime's default: nothing to register.
     #[default]
     Cpu,
-    /// NVIDIA CUDA (`CUDAExecutionProvider`).
+    /// NVIDIA CUDA.
+    ///
+    /// `CUDAExecutionProvider`.
     Cuda,
-    /// NVIDIA TensorRT (`TensorrtExecutionProvider`), with CUDA for the nodes TensorRT does not
+    /// NVIDIA TensorRT (nodes it does not take run on CUDA).
+    ///
+    /// `TensorrtExecutionProvider`, with `CUDAExecutionProvider` for the nodes TensorRT does not
     /// take.
+    #[value(name = "tensorrt", alias = "trt")]
     TensorRt,
 }
 

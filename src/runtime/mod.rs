@@ -403,14 +403,19 @@ impl FromStr for BackendKind {
     }
 }
 
-/// ONNX Runtime's graph optimisation level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// ONNX Runtime's graph optimisation level (`--ort-opt-level`). Each variant's first paragraph is
+/// its `--help` text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum OrtOptLevel {
     /// No graph optimisation.
     Disable,
-    /// Semantics-preserving rewrites (constant folding, redundant node removal).
+    /// Constant folding, redundant node removal.
+    ///
+    /// Semantics-preserving rewrites only.
     Basic,
-    /// Basic plus complex node fusions.
+    /// Basic plus node fusions.
+    ///
+    /// ONNX Runtime calls these fusions complex.
     Extended,
     /// Everything, including layout optimisations (ONNX Runtime's default).
     All,
