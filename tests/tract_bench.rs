@@ -210,3 +210,166 @@ fn tract_fixed_t_plan_timing() {
     r.run(tail.clone()).unwrap();
     assert_eq!(r.last_plan(), Some(PlanKind::Symbolic));
 }
+
+/// tract's share of a graph's time per operator family, from node names (famc's name scopes
+/// survive tract's optimisation as prefixes): the same families as `export/profile_ort.py`.
+fn family(node: &str, op: &str) -> &'static str {
+    let parts: Vec<&str> = node.split(['.', '/', '#']).collect();
+    let has = |p: &str| parts.contains(&p);
+    const COPIES: [&str; 12] = [
+        "Concat",
+        "Slice",
+        "AxisOp",
+        "Move",
+        "Reshape",
+        "Gather",
+        "Cast",
+        "Iff",
+        "Tile",
+        "Expand",
+        "Broadcast",
+        "Identity",
+    ];
+    let copy = COPIES.iter().any(|c| op.contains(c));
+    if has("head") {
+        "head"
+    } else if has("norm") || has("rope") {
+        "norm/rotary"
+    } else if has("sdpa") {
+        "attention"
+    } else if parts.first() == Some(&"layers") && has("mlp") {
+        "mlp"
+    } else if parts.first() == Some(&"layers") && has("attn") {
+        if copy {
+            "copies"
+        } else {
+            "projections"
+        }
+    } else if matches!(parts.first(), Some(&"block" | &"decode" | &"fam" | &"init")) {
+        "masks/positions"
+    } else if copy {
+        "copies"
+    } else {
+        "other"
+    }
+}
+
+/// The per-family profile of tract's block graph (one full block at τ = 3) and decode graph (one
+/// token in the middle of block 3) of the SmolLM2 checkpoint that `scripts/fetch-smollm2.sh`
+/// converts (FAMC_SMOLLM2), exported at the speed issue's configuration (L = 512, F = 64, M = 2)
+/// for both targets, on 2 threads: one warm-up, then 3 profiled runs. Release build:
+///
+/// ```sh
+/// FAMC_SMOLLM2=~/.cache/famc/smollm2/hf cargo test --release --test tract_bench -- --ignored tract_profile --nocapture
+/// ```
+#[test]
+#[ignore = "a profile, not a check: cargo test --release --test tract_bench -- --ignored tract_profile --nocapture"]
+fn tract_profile_by_family() {
+    use famc::contract::{IoDim, IoType, Role};
+    use std::collections::BTreeMap;
+    let Some(ckpt) = std::env::var_os("FAMC_SMOLLM2") else {
+        eprintln!(
+            "note: FAMC_SMOLLM2 unset: run scripts/fetch-smollm2.sh and point it at its output"
+        );
+        return;
+    };
+    let ck = Checkpoint::load(std::path::Path::new(&ckpt)).unwrap();
+    let fam = FamParams {
+        block_len: 512,
+        fam_len: 64,
+        mem_blocks: 2,
+    };
+    let l = fam.block_len;
+    let tmp = tempfile::tempdir().unwrap();
+    for target in famc::onnx::Target::ALL {
+        let dir = tmp.path().join(target.name());
+        let opts = ExportOptions {
+            target,
+            ..ExportOptions::default()
+        };
+        let m = export::export(&ck, fam, &dir, &opts).unwrap();
+        for (graph, file, contract) in [
+            ("block", &m.graphs.block, &m.contract.block),
+            (
+                "decode",
+                m.graphs.decode.as_ref().unwrap(),
+                &m.contract.decode,
+            ),
+        ] {
+            let run_opts = RunOptions {
+                intra_threads: Some(2),
+                ..RunOptions::default()
+            }
+            .with_fixed_dim("batch", 1)
+            .with_fixed_dim("T", l);
+            let mut r = TractRunner::open(&dir.join(file), &run_opts).unwrap();
+            let mut rng = Rng::new(3);
+            let input: Vec<Tensor> = contract
+                .inputs
+                .iter()
+                .map(|io| {
+                    let shape: Vec<usize> = io
+                        .shape
+                        .iter()
+                        .map(|d| match d {
+                            IoDim::Fixed(n) => *n,
+                            IoDim::Sym(s) if s == "T" => l,
+                            IoDim::Sym(_) => 1,
+                        })
+                        .collect();
+                    match (io.role, io.dtype) {
+                        (Role::InputIds, _) => {
+                            Tensor::I64(ArrayD::from_shape_fn(IxDyn(&shape), |ix| {
+                                ((ix[1] * 7919 + 11) % m.model.vocab_size) as i64
+                            }))
+                        }
+                        (Role::BlockIndex, _) => Tensor::I64(ArrayD::from_elem(IxDyn(&shape), 3)),
+                        (Role::Position, _) => {
+                            Tensor::I64(ArrayD::from_elem(IxDyn(&shape), (3 * l + l / 2) as i64))
+                        }
+                        (_, IoType::Float32) => {
+                            Tensor::F32(ArrayD::from_shape_simple_fn(IxDyn(&shape), || {
+                                (rng.uniform() - 0.5) * 0.2
+                            }))
+                        }
+                        (role, IoType::Int64) => panic!("no int64 input of role {role}"),
+                    }
+                })
+                .collect();
+            r.run(input.clone()).unwrap();
+            r.set_profiling(true);
+            let runs = 3;
+            for _ in 0..runs {
+                r.run(input.clone()).unwrap();
+            }
+            let times = r.take_profile();
+            let total: f64 = times.iter().map(|t| t.seconds).sum();
+            let mut by_family: BTreeMap<&str, f64> = BTreeMap::new();
+            let mut other_ops: BTreeMap<String, f64> = BTreeMap::new();
+            for t in &times {
+                let f = family(&t.node, &t.op);
+                *by_family.entry(f).or_default() += t.seconds;
+                if f == "other" {
+                    *other_ops.entry(t.op.clone()).or_default() += t.seconds;
+                }
+            }
+            let shares: BTreeMap<&str, f64> = by_family
+                .iter()
+                .map(|(f, s)| (*f, (1000.0 * s / total).round() / 10.0))
+                .collect();
+            let mut other: Vec<_> = other_ops.into_iter().collect();
+            other.sort_by(|a, b| b.1.total_cmp(&a.1));
+            other.truncate(5);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "graph": graph,
+                    "target": target.name(),
+                    "ms_per_run": (total * 1000.0 / runs as f64 * 10.0).round() / 10.0,
+                    "share_pct": shares,
+                    "other_top_ops": other.iter().map(|(op, s)| (op.clone(), (s * 1000.0 / runs as f64 * 10.0).round() / 10.0)).collect::<BTreeMap<_, _>>(),
+                })
+            );
+        }
+    }
+}

@@ -70,6 +70,17 @@ pub struct TractRunner {
     input_names: Vec<String>,
     output_names: Vec<String>,
     input_specs: Vec<IoSpec>,
+    /// Every node's time of the runs since [`TractRunner::set_profiling`] turned profiling on.
+    profile: Option<Vec<NodeTime>>,
+}
+
+/// One node's evaluation in a profiled run: the node's name in tract's optimised plan (the ONNX
+/// node's name, or one derived from it), tract's operator name, and seconds.
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    pub node: String,
+    pub op: String,
+    pub seconds: f64,
 }
 
 impl std::fmt::Debug for TractRunner {
@@ -241,7 +252,21 @@ impl TractRunner {
             input_names,
             output_names,
             input_specs,
+            profile: None,
         })
+    }
+
+    /// Times every node of the runs from now on (`true`), or stops (`false`, dropping the times).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Vec::new);
+    }
+
+    /// The node times recorded since profiling was turned on or last taken.
+    pub fn take_profile(&mut self) -> Vec<NodeTime> {
+        self.profile
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The symbols that have a specialised plan, with their sizes (empty when none does).
@@ -283,9 +308,20 @@ impl TractRunner {
                 backend_error(KIND, &self.path, format!("cannot start a run: {e:#}"))
             })?),
         };
-        let outputs = state
-            .run(inputs)
-            .map_err(|e| backend_error(KIND, &self.path, format!("run failed: {e:#}")))?;
+        let outputs = match self.profile.as_mut() {
+            None => state.run(inputs),
+            Some(log) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let start = std::time::Instant::now();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                log.push(NodeTime {
+                    node: node.name.clone(),
+                    op: node.op().name().into_owned(),
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+                out
+            }),
+        }
+        .map_err(|e| backend_error(KIND, &self.path, format!("run failed: {e:#}")))?;
         outputs
             .into_iter()
             .zip(&self.output_names)
