@@ -144,27 +144,16 @@ def load_hf(ckpt, attn):
 
 
 def load_fam(ckpt, L, F, M):
-    """FamLlama over the checkpoint with explicit (L, F, M). `FamLlama.load` needs a "fam" object
-    in config.json (a plain Llama checkpoint has none), so this builds it directly; the prompt is
-    `model.fam_init` when present (its rows must be F) and zeros otherwise, as famc does."""
-    from safetensors.torch import load_file
+    """FamLlama over the checkpoint with explicit (L, F, M); whether it has a learned prompt."""
+    from safetensors import safe_open
 
-    config = LlamaConfig.from_pretrained(ckpt)
-    tensors = load_file(os.path.join(ckpt, "model.safetensors"))
-    init = tensors.pop("model.fam_init", None)
-    if init is not None and init.shape[0] != F:
-        raise SystemExit(f"--fam-len {F}, but {ckpt}'s model.fam_init has {init.shape[0]} rows")
-    m = FamLlama(config, L, F, M)
-    missing, unexpected = m.llama.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise SystemExit(f"checkpoint {ckpt}: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        m.llama.tie_weights()
-    with torch.no_grad():
-        m.fam_init.copy_(init if init is not None else torch.zeros(F, config.hidden_size))
-    del tensors
-    return m.to(torch.float32).eval(), init is not None
+    with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
+        learned = "model.fam_init" in f.keys()
+    try:
+        m = FamLlama.load(ckpt, torch.float32, block_len=L, fam_len=F, mem_blocks=M)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    return m.eval(), learned
 
 
 def bench_prefill(model, name, ids, tokens, reps):

@@ -213,8 +213,11 @@ class FamLlama(nn.Module):
             fh.write("\n")
 
     @classmethod
-    def load(cls, ckpt_dir: str, dtype=torch.float32):
-        """Reads a checkpoint written by `save` (or any Llama checkpoint with a "fam" object)."""
+    def load(cls, ckpt_dir: str, dtype=torch.float32, block_len=None, fam_len=None, mem_blocks=None):
+        """Reads a checkpoint written by `save` (or any Llama checkpoint with a "fam" object); the
+        keyword FAM parameters override config.json's (a plain Llama checkpoint has none). The
+        prompt is `model.fam_init` when present (its rows must be F) and zeros otherwise, as famc
+        does."""
         from safetensors.torch import load_file
 
         with open(os.path.join(ckpt_dir, "config.json")) as fh:
@@ -222,9 +225,13 @@ class FamLlama(nn.Module):
         fam = raw.get("fam", {})
         tensors = load_file(os.path.join(ckpt_dir, "model.safetensors"))
         init = tensors.pop("model.fam_init", None)
-        F = init.shape[0] if init is not None else fam.get("fam_len", 0)
+        F = fam_len if fam_len is not None else (init.shape[0] if init is not None else fam.get("fam_len", 0))
+        if init is not None and init.shape[0] != F:
+            raise ValueError(f"fam_len {F}, but {ckpt_dir}'s model.fam_init has {init.shape[0]} rows")
+        L = block_len if block_len is not None else fam["block_len"]
+        M = mem_blocks if mem_blocks is not None else fam["mem_blocks"]
         config = LlamaConfig.from_pretrained(ckpt_dir)
-        m = cls(config, fam["block_len"], F, fam["mem_blocks"])
+        m = cls(config, L, F, M)
         missing, unexpected = m.llama.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or unexpected:

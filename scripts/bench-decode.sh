@@ -25,20 +25,11 @@ for rep in $(seq "$REPS"); do
   for config in ort:f32 ort:q4 tract:f32; do
     backend=${config%%:*} dtype=${config#*:}
     for who in before after; do
-        bin=$famc
-        [ "$who" = before ] && bin=$before
-        $bin bench "$work/$who-$dtype" --backend "$backend" --threads "$T" --tokens "$N" \
-          --decode-tokens 32 --runs 3 --json "$work/bench.json" >/dev/null
-        python3 - "$rep" "$who" "$backend" "$dtype" "$work/bench.json" <<'PY' | tee -a "$work/runs.jsonl"
-import json, sys
-rep, who, backend, dtype, bench = sys.argv[1:6]
-r = json.load(open(bench))["results"][0]["report"]
-print(json.dumps({
-    "rep": int(rep), "build": who, "backend": backend, "dtype": dtype,
-    "prefill_tok_s": round(r["prefill_tokens_per_s"], 1), "decode_tok_s": round(r["decode_tokens_per_s"], 2),
-    "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1),
-}))
-PY
+      bin=$famc
+      [ "$who" = before ] && bin=$before
+      $bin bench "$work/$who-$dtype" --backend "$backend" --threads "$T" --tokens "$N" \
+        --decode-tokens 32 --runs 3 --json "$work/bench.json" >/dev/null
+      python3 scripts/bench_row.py "$work/bench.json" rep="$rep" build="$who" backend="$backend" dtype="$dtype" | tee -a "$work/runs.jsonl"
     done
   done
 done

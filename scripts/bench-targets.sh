@@ -18,16 +18,7 @@ for rep in $(seq "$REPS"); do
     for target in opset17 opset23; do
       $famc bench "$work/$target" --backend "$backend" --threads "$T" --tokens 2048 --decode-tokens 32 \
         --runs 3 --json "$work/bench.json" >/dev/null
-      python3 - "$rep" "$target" "$backend" "$work/bench.json" <<'PY' | tee -a "$work/runs.jsonl"
-import json, sys
-rep, target, backend, bench = sys.argv[1:5]
-r = json.load(open(bench))["results"][0]["report"]
-print(json.dumps({
-    "rep": int(rep), "target": target, "backend": backend,
-    "prefill_tok_s": round(r["prefill_tokens_per_s"], 1), "decode_tok_s": round(r["decode_tokens_per_s"], 2),
-    "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1),
-}))
-PY
+      python3 scripts/bench_row.py "$work/bench.json" rep="$rep" target="$target" backend="$backend" | tee -a "$work/runs.jsonl"
     done
   done
 done

@@ -29,30 +29,32 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
     };
     let f32_io =
         |name: &str, role, layer: usize, shape| io(name, role, Some(layer), IoType::Float32, shape);
+    // the per-model tensors: token ids, block index, position (int64) and logits (float32)
+    let whole = |name: &str, role, shape| {
+        let dtype = if role == Role::Logits {
+            IoType::Float32
+        } else {
+            IoType::Int64
+        };
+        io(name, role, None, dtype, shape)
+    };
+    let tokens = || IoDim::Sym(TOKENS.into());
     let kv = |rows: usize| vec![batch(), n(hkv), n(rows), n(dh)];
     let layers = 0..cfg.num_layers;
 
     let mut block = GraphContract::default();
-    block.inputs.push(io(
+    block.inputs.push(whole(
         names::INPUT_IDS,
         Role::InputIds,
-        None,
-        IoType::Int64,
-        vec![batch(), IoDim::Sym(TOKENS.into())],
+        vec![batch(), tokens()],
     ));
-    block.inputs.push(io(
-        names::BLOCK_INDEX,
-        Role::BlockIndex,
-        None,
-        IoType::Int64,
-        vec![batch()],
-    ));
-    block.outputs.push(io(
+    block
+        .inputs
+        .push(whole(names::BLOCK_INDEX, Role::BlockIndex, vec![batch()]));
+    block.outputs.push(whole(
         names::LOGITS,
         Role::Logits,
-        None,
-        IoType::Float32,
-        vec![batch(), IoDim::Sym(TOKENS.into()), n(v)],
+        vec![batch(), tokens(), n(v)],
     ));
     for l in layers.clone() {
         let mut state = Vec::new();
@@ -82,13 +84,8 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
 
     let fam_kv = (f > 0).then(|| {
         let mut c = GraphContract::default();
-        c.inputs.push(io(
-            names::BLOCK_INDEX,
-            Role::BlockIndex,
-            None,
-            IoType::Int64,
-            vec![batch()],
-        ));
+        c.inputs
+            .push(whole(names::BLOCK_INDEX, Role::BlockIndex, vec![batch()]));
         for l in layers.clone() {
             c.inputs.push(f32_io(
                 &names::fam(l),
@@ -105,25 +102,15 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
     });
 
     let mut decode = GraphContract::default();
-    decode.inputs.push(io(
-        names::INPUT_IDS,
-        Role::InputIds,
-        None,
-        IoType::Int64,
-        vec![batch(), n(1)],
-    ));
-    decode.inputs.push(io(
-        names::POSITION,
-        Role::Position,
-        None,
-        IoType::Int64,
-        vec![batch()],
-    ));
-    decode.outputs.push(io(
+    decode
+        .inputs
+        .push(whole(names::INPUT_IDS, Role::InputIds, vec![batch(), n(1)]));
+    decode
+        .inputs
+        .push(whole(names::POSITION, Role::Position, vec![batch()]));
+    decode.outputs.push(whole(
         names::LOGITS,
         Role::Logits,
-        None,
-        IoType::Float32,
         vec![batch(), n(1), n(v)],
     ));
     for l in layers {
