@@ -114,34 +114,29 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
         vec![batch(), n(1), n(v)],
     ));
     for l in layers {
+        let mut parts = Vec::new();
         if f > 0 {
-            decode
-                .inputs
-                .push(f32_io(&names::fam_k(l), Role::FamK, l, kv(f)));
-            decode
-                .inputs
-                .push(f32_io(&names::fam_v(l), Role::FamV, l, kv(f)));
+            parts.extend([
+                (names::fam_k(l), Role::FamK, f),
+                (names::fam_v(l), Role::FamV, f),
+            ]);
         }
         if ml > 0 {
-            decode
-                .inputs
-                .push(f32_io(&names::mem_k(l), Role::MemK, l, kv(ml)));
-            decode
-                .inputs
-                .push(f32_io(&names::mem_v(l), Role::MemV, l, kv(ml)));
+            parts.extend([
+                (names::mem_k(l), Role::MemK, ml),
+                (names::mem_v(l), Role::MemV, ml),
+            ]);
         }
-        decode
-            .inputs
-            .push(f32_io(&names::cache_k(l), Role::CacheK, l, kv(l_len)));
-        decode
-            .inputs
-            .push(f32_io(&names::cache_v(l), Role::CacheV, l, kv(l_len)));
-        decode
-            .outputs
-            .push(f32_io(&names::new_k(l), Role::NewK, l, kv(1)));
-        decode
-            .outputs
-            .push(f32_io(&names::new_v(l), Role::NewV, l, kv(1)));
+        parts.extend([
+            (names::cache_k(l), Role::CacheK, l_len),
+            (names::cache_v(l), Role::CacheV, l_len),
+        ]);
+        for (name, role, rows) in parts {
+            decode.inputs.push(f32_io(&name, role, l, kv(rows)));
+        }
+        for (name, role) in [(names::new_k(l), Role::NewK), (names::new_v(l), Role::NewV)] {
+            decode.outputs.push(f32_io(&name, role, l, kv(1)));
+        }
     }
     Contract {
         block,
