@@ -922,15 +922,9 @@ impl GraphRunner for OrtRunner {
             return Ok(Value::host(t));
         }
         let (shape, elem) = (t.shape().to_vec(), t.elem_type());
-        let made = match t {
-            super::Tensor::F32(a) => {
-                ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
-                    .map(|t| t.upcast())
-            }
-            super::Tensor::I64(a) => {
-                ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
-                    .map(|t| t.upcast())
-            }
+        let made = match &t {
+            super::Tensor::F32(a) => owned_tensor(a).map(|t| t.upcast()),
+            super::Tensor::I64(a) => owned_tensor(a).map(|t| t.upcast()),
         };
         let held = made
             .map_err(|e| backend_error(KIND, &self.path, format!("cannot hold a tensor: {e}")))?;
@@ -1016,8 +1010,15 @@ where
 {
     // An owned copy: `ort` clones a borrowed tensor on binding through an identity session whose
     // own binding clones again under the same lock (a deadlock in 2.0.0-rc.15).
-    let owned = ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())?;
-    binding.bind_input(name, &owned)
+    binding.bind_input(name, &owned_tensor(a)?)
+}
+
+/// A tensor ONNX Runtime owns, copied from `a` in standard layout.
+fn owned_tensor<T>(a: &ArrayD<T>) -> ::ort::Result<::ort::value::Tensor<T>>
+where
+    T: ::ort::value::PrimitiveTensorElementType + Clone + fmt::Debug + 'static,
+{
+    ::ort::value::Tensor::from_array(a.as_standard_layout().into_owned())
 }
 
 /// A tensor ONNX Runtime returned, kept in its memory (host or device) to feed a later run.

@@ -607,7 +607,8 @@ impl TractValue {
         self.0.as_bytes().as_ptr() as usize
     }
 
-    /// Writes `row` at index `at` of `axis`, in place unless a run still shares the tensor.
+    /// Writes `row` at index `at` of `axis`, in place unless a run still shares the tensor; on
+    /// an error the tensor is left as it was.
     pub(crate) fn write_at(
         &mut self,
         axis: usize,
@@ -624,12 +625,12 @@ impl TractValue {
             tract_onnx::prelude::tensor0(0f32).into_tvalue(),
         );
         let mut t = taken.into_tensor();
-        t.to_plain_array_view_mut::<f32>()
-            .map_err(fail)?
-            .index_axis_mut(ndarray::Axis(axis), at)
-            .assign(row);
+        let written = t
+            .to_plain_array_view_mut::<f32>()
+            .map(|mut a| a.index_axis_mut(ndarray::Axis(axis), at).assign(row));
+        // the tensor goes back whether or not the write took
         self.0 = t.into_tvalue();
-        Ok(())
+        written.map_err(fail)
     }
 
     pub(crate) fn to_array_f32(&self) -> Result<ArrayD<f32>> {
