@@ -260,11 +260,6 @@ impl DecodeBinding {
             message,
         };
         let c = &m.contract;
-        let state_index = |role: Role, layer: Option<usize>| {
-            m.state
-                .iter()
-                .position(|s| s.kind == role && Some(s.layer) == layer)
-        };
         let mut caches: Vec<(Role, Option<usize>, Vec<usize>)> = Vec::new();
         let mut feed = |graph: &str, io: &crate::contract::Io| -> Result<Feed> {
             let unfed = || {
@@ -278,7 +273,7 @@ impl DecodeBinding {
                 Role::Position if graph == "decode" => Feed::Position,
                 Role::BlockIndex if graph == "fam_kv" => Feed::BlockIndex,
                 Role::Fam | Role::MemK | Role::MemV => {
-                    Feed::State(state_index(io.role, io.layer).ok_or_else(unfed)?)
+                    Feed::State(m.state_index(io.role, io.layer).ok_or_else(unfed)?)
                 }
                 Role::FamK | Role::FamV if graph == "decode" => Feed::FamKv(
                     c.fam_kv

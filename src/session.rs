@@ -249,18 +249,13 @@ impl BlockBinding {
             message,
         };
         let c = &m.contract.block;
-        let state_index = |role: Role, layer: Option<usize>| {
-            m.state
-                .iter()
-                .position(|s| s.kind == role && Some(s.layer) == layer)
-        };
         let inputs = c
             .inputs
             .iter()
             .map(|io| match io.role {
                 Role::InputIds => Ok(Feed::Ids),
                 Role::BlockIndex => Ok(Feed::BlockIndex),
-                role => state_index(role, io.layer).map(Feed::State).ok_or_else(|| {
+                role => m.state_index(role, io.layer).map(Feed::State).ok_or_else(|| {
                     err(format!(
                         "block graph input `{}` has role {role}, which is no state tensor famc.json lists",
                         io.name

@@ -24,9 +24,7 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
     let state_in: Vec<_> = (0..cfg.num_layers)
         .map(|l| {
             let fam = io.input(Role::Fam, Some(l));
-            let mem = io
-                .input(Role::MemK, Some(l))
-                .zip(io.input(Role::MemV, Some(l)));
+            let mem = io.pair(Role::MemK, Role::MemV, l);
             (fam, mem)
         })
         .collect();

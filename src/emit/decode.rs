@@ -32,12 +32,13 @@ pub fn decode_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         mem: Option<(Value, Value)>,
         cache: (Value, Value),
     }
-    let pair = |a: Role, b: Role, l: usize| io.input(a, Some(l)).zip(io.input(b, Some(l)));
     let layer_in: Vec<LayerIn> = (0..cfg.num_layers)
         .map(|l| LayerIn {
-            fam: pair(Role::FamK, Role::FamV, l),
-            mem: pair(Role::MemK, Role::MemV, l),
-            cache: pair(Role::CacheK, Role::CacheV, l).expect("every layer has a cache"),
+            fam: io.pair(Role::FamK, Role::FamV, l),
+            mem: io.pair(Role::MemK, Role::MemV, l),
+            cache: io
+                .pair(Role::CacheK, Role::CacheV, l)
+                .expect("every layer has a cache"),
         })
         .collect();
 

@@ -189,6 +189,11 @@ impl<'c> Declared<'c> {
         Some(self.inputs[i].clone())
     }
 
+    /// The key and value inputs with roles `k` and `v` of `layer`, when the contract has both.
+    pub fn pair(&self, k: Role, v: Role, layer: usize) -> Option<(Value, Value)> {
+        self.input(k, Some(layer)).zip(self.input(v, Some(layer)))
+    }
+
     /// Makes `v` the output with `role` and `layer`, with the contract's name and shape.
     pub fn output(&self, b: &mut GraphBuilder, role: Role, layer: Option<usize>, v: &Value) {
         let io = self

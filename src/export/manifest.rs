@@ -169,7 +169,7 @@ impl Manifest {
         for st in &self.state {
             let input = block.input(st.kind, Some(st.layer));
             let output = st.kind.next().and_then(|r| block.output(r, Some(st.layer)));
-            let want: Vec<IoDim> = std::iter::once(IoDim::Sym("batch".into()))
+            let want: Vec<IoDim> = std::iter::once(IoDim::Sym(crate::emit::BATCH.into()))
                 .chain(st.shape.iter().map(|&d| IoDim::Fixed(d)))
                 .collect();
             let fits = match (input, output) {
@@ -209,9 +209,9 @@ impl Manifest {
                 self.state.len()
             ));
         }
-        for (graph, g) in [("block", Some(block)), ("decode", Some(&c.decode))] {
+        for (graph, g) in [("block", block), ("decode", &c.decode)] {
             let vocab = g
-                .and_then(|g| g.output(Role::Logits, None))
+                .output(Role::Logits, None)
                 .and_then(|o| o.shape.last().cloned());
             if vocab != Some(IoDim::Fixed(self.model.vocab_size)) {
                 return Err(format!(
@@ -221,6 +221,13 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The index in `state` of the state tensor with `role` and `layer`.
+    pub fn state_index(&self, role: Role, layer: Option<usize>) -> Option<usize> {
+        self.state
+            .iter()
+            .position(|s| s.kind == role && Some(s.layer) == layer)
     }
 
     /// This manifest as each graph embeds it: without `files`.

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use crate::builder::{save_model, StoreWriter};
-use crate::contract::{GraphContract, IoDim, IoType, Role};
+use crate::contract::{Contract, GraphContract, IoDim, IoType, Role};
 pub use crate::emit::WeightDtype;
-use crate::emit::{self, names, EmitSpec};
+use crate::emit::{self, EmitSpec};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
 use crate::onnx::{self, Target};
@@ -96,35 +96,39 @@ impl Compiled {
     }
 }
 
-/// The state tensors of the block graph, in input order.
-pub fn state_tensors(ck: &Checkpoint, fam: FamParams) -> Vec<StateTensor> {
-    let c = &ck.config;
-    let mut out = Vec::new();
-    for l in 0..c.num_layers {
-        if fam.fam_len > 0 {
-            out.push(StateTensor {
-                input: names::fam(l),
-                output: names::next(&names::fam(l)),
-                init: Some(names::init_fam(l)),
-                shape: vec![fam.fam_len, c.hidden_size],
-                layer: l,
-                kind: Role::Fam,
-            });
-        }
-        if fam.mem_blocks > 0 {
-            for (kind, input) in [(Role::MemK, names::mem_k(l)), (Role::MemV, names::mem_v(l))] {
-                out.push(StateTensor {
-                    output: names::next(&input),
-                    input,
-                    init: None,
-                    shape: vec![c.num_kv_heads, fam.mem_len(), c.head_dim],
-                    layer: l,
-                    kind,
-                });
-            }
-        }
-    }
-    out
+/// The state tensors of the block graph, in input order: its contract's state inputs, each with
+/// the output that carries its next value and, for FAM, the init output it starts from.
+pub fn state_tensors(contract: &Contract) -> Vec<StateTensor> {
+    let block = &contract.block;
+    block
+        .inputs
+        .iter()
+        .filter_map(|io| {
+            let layer = io.layer?;
+            let output = block.output(io.role.next()?, Some(layer))?;
+            let init = contract
+                .init
+                .as_ref()
+                .filter(|_| io.role == Role::Fam)
+                .and_then(|g| g.output(Role::InitFam, Some(layer)))
+                .map(|o| o.name.clone());
+            let shape = io.shape[1..]
+                .iter()
+                .map(|d| match d {
+                    IoDim::Fixed(n) => *n,
+                    IoDim::Sym(s) => unreachable!("a state dimension is fixed, not `{s}`"),
+                })
+                .collect();
+            Some(StateTensor {
+                input: io.name.clone(),
+                output: output.name.clone(),
+                init,
+                shape,
+                layer,
+                kind: io.role,
+            })
+        })
+        .collect()
 }
 
 /// One graph's emitter.
@@ -160,6 +164,7 @@ fn manifest_for(
         }
     }
     let c = &ck.config;
+    let contract = emit::contract(c, fam);
     Ok(Manifest {
         format_version: FORMAT_VERSION,
         famc_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -186,8 +191,8 @@ fn manifest_for(
             decode: Some(DECODE_FILE.into()),
             fam_kv: (fam.fam_len > 0).then(|| FAM_KV_FILE.into()),
         },
-        state: state_tensors(ck, fam),
-        contract: emit::contract(&ck.config, fam),
+        state: state_tensors(&contract),
+        contract,
         files: Default::default(),
     })
 }
@@ -579,38 +584,26 @@ impl ExportDir {
             }
         }
         let graphs = manifest.graphs.clone();
+        let c = &manifest.contract;
         let files = [
-            Some(&graphs.block),
-            graphs.init.as_ref(),
-            graphs.decode.as_ref(),
-            graphs.fam_kv.as_ref(),
+            (Some(&graphs.block), Some(&c.block)),
+            (graphs.init.as_ref(), c.init.as_ref()),
+            (graphs.decode.as_ref(), Some(&c.decode)),
+            (graphs.fam_kv.as_ref(), c.fam_kv.as_ref()),
         ];
         let mut structures = Vec::new();
-        for file in files.into_iter().flatten() {
+        for (file, contract) in files {
+            let Some(file) = file else { continue };
             if !manifest.files.contains_key(file) {
                 return Err(err(format!(
                     "famc.json names the graph {file} but records no size and hash for it"
                 )));
             }
             let g = read_structure(&dir.join(file)).map_err(|e| err(format!("{file}: {e}")))?;
-            structures.push((file.clone(), g));
-        }
-        let c = &manifest.contract;
-        let contracts = [
-            Some(&c.block),
-            c.init.as_ref(),
-            graphs.decode.as_ref().map(|_| &c.decode),
-            c.fam_kv.as_ref(),
-        ];
-        for (file, contract) in files.iter().zip(contracts) {
-            if let (Some(file), Some(contract)) = (file, contract) {
-                let g = &structures
-                    .iter()
-                    .find(|(f, _)| f == *file)
-                    .expect("read above")
-                    .1;
-                check_graph(g, contract).map_err(|m| err(format!("{file}: {m}")))?;
+            if let Some(contract) = contract {
+                check_graph(&g, contract).map_err(|m| err(format!("{file}: {m}")))?;
             }
+            structures.push((file.clone(), g));
         }
         if graphs.init.is_none() && manifest.fam.fam_len > 0 {
             return Err(err("famc.json has F > 0 but names no init graph".into()));
