@@ -21,6 +21,24 @@ pub(super) struct BlockRows<'v> {
 }
 
 impl Emitter<'_> {
+    /// Which memory slots hold keys of the stream, [B, M·L] bool, for a block starting at
+    /// `start` = τ·L [B]: slot j when j ≥ M·L − min(τ·L, M·L) (FAM-SPEC section 2).
+    fn memory_valid(&self, b: &mut GraphBuilder, start: &Value) -> Value {
+        let ml = self.spec.fam.mem_len() as i64;
+        let ml_c = b.scalar_i64(ml);
+        let valid = b.op("Min", &[start, &ml_c], vec![], DType::I64);
+        let first_valid = b.sub(&ml_c, &valid);
+        let first_valid = b.unsqueeze(&first_valid, &[1]); // [B, 1]
+        let slots: Vec<i64> = (0..ml).collect();
+        let slots = b.const_i64(&slots, &[1, ml]);
+        b.op(
+            "GreaterOrEqual",
+            &[&slots, &first_valid],
+            vec![],
+            DType::Bool,
+        )
+    }
+
     /// The block graph's mask [B, 1, G·Q, M·L + Q] (opset 17) or [B, 1, Q, M·L + Q] (opset 23):
     /// FAM rows see every FAM and block row and no memory; block rows see the valid memory slots,
     /// every FAM row and the block rows up to their own.
@@ -51,19 +69,9 @@ impl Emitter<'_> {
         let masked = b.scalar_f32(MASKED);
         let open = b.scalar_f32(0.0);
         let vis = if ml > 0 {
-            // memory slot j is valid when j >= M·L − min(τ·L, M·L); only block rows see it
-            let ml_c = b.scalar_i64(ml as i64);
-            let valid = b.op("Min", &[start, &ml_c], vec![], DType::I64);
-            let first_valid = b.sub(&ml_c, &valid); // [B]
-            let first_valid = b.unsqueeze(&first_valid, &[1, 2]); // [B, 1, 1]
-            let slots: Vec<i64> = (0..ml as i64).collect();
-            let slots = b.const_i64(&slots, &[1, 1, ml as i64]);
-            let slot_ok = b.op(
-                "GreaterOrEqual",
-                &[&slots, &first_valid],
-                vec![],
-                DType::Bool,
-            ); // [B, 1, ML]
+            // only block rows see the memory
+            let slot_ok = self.memory_valid(b, start);
+            let slot_ok = b.unsqueeze(&slot_ok, &[1]); // [B, 1, ML]
             let mem_vis = match &is_fam_row {
                 Some(fam_row) => {
                     let is_block_row = b.op("Not", &[fam_row], vec![], DType::Bool); // [Q, 1]
@@ -115,18 +123,7 @@ impl Emitter<'_> {
         let masked = b.scalar_f32(MASKED);
         let mut parts = Vec::new();
         if ml > 0 {
-            let ml_c = b.scalar_i64(ml as i64);
-            let valid = b.op("Min", &[start, &ml_c], vec![], DType::I64);
-            let first_valid = b.sub(&ml_c, &valid);
-            let first_valid = b.unsqueeze(&first_valid, &[1]); // [B, 1]
-            let mslots: Vec<i64> = (0..ml as i64).collect();
-            let mslots = b.const_i64(&mslots, &[1, ml as i64]);
-            let mem_vis = b.op(
-                "GreaterOrEqual",
-                &[&mslots, &first_valid],
-                vec![],
-                DType::Bool,
-            );
+            let mem_vis = self.memory_valid(b, start);
             parts.push(b.where_(&mem_vis, &open, &masked));
         }
         let batch = b.shape(position);
