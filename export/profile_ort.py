@@ -20,8 +20,8 @@ import onnxruntime as ort
 
 
 COPIES = {"Concat", "Slice", "Transpose", "Reshape", "Where", "Expand", "Tile", "Gather", "Squeeze", "Unsqueeze", "Identity", "Cast", "Shape"}
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+PROJ = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def weights_of(model):

@@ -9,7 +9,7 @@ cargo build -q
 famc=target/debug/famc
 ckpt=tests/data/hf-llama-tiny
 # name L F M target
-cases=("tiny-fam 16 4 2 opset17" "tiny-bswa 16 0 1 opset17" "tiny-fam-opset23 16 4 2 opset23")
+cases=("tiny-fam 16 4 2 opset17" "tiny-bswa 16 0 1 opset17" "tiny-fam-opset23 16 4 2 opset23" "tiny-fam-ort 16 4 2 ort")
 for c in "${cases[@]}"; do
   read -r name l f m target <<<"$c"
   out=graphs/$name

@@ -397,6 +397,15 @@ impl FamModel {
         tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
     ) -> Result<Self> {
         let manifest = export.manifest.clone();
+        if manifest.target.ort_only() && backend != BackendKind::Ort {
+            return Err(Error::Export {
+                dir: export.dir.clone(),
+                message: format!(
+                    "target `{}` uses ONNX Runtime's contrib operators (SkipSimplifiedLayerNormalization), which {backend} does not run; export with --target opset23 or opset17 for {backend}",
+                    manifest.target
+                ),
+            });
+        }
         // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
         let block_opts = opts
             .clone()

@@ -68,7 +68,7 @@ fn check_golden(name: &str, p: FamParams, target: Target) {
     if famc::runtime::ort::find_ort_library().is_ok() {
         kinds.push(BackendKind::Ort);
     }
-    for kind in kinds {
+    for kind in kinds.into_iter().filter(|&k| runs(target, k)) {
         let got = FamModel::open(&dir, kind, &RunOptions::default())
             .unwrap()
             .run(&ids)
@@ -102,6 +102,19 @@ fn tiny_fam_opset23_golden() {
             mem_blocks: 2,
         },
         Target::Opset23,
+    );
+}
+
+#[test]
+fn tiny_fam_ort_golden() {
+    check_golden(
+        "tiny-fam-ort",
+        FamParams {
+            block_len: 16,
+            fam_len: 4,
+            mem_blocks: 2,
+        },
+        Target::Ort,
     );
 }
 

@@ -23,17 +23,15 @@ fn check_case(spec: Spec, p: FamParams, len: usize) {
     let ck = Checkpoint::load(&dir).unwrap();
     let ids = Rng::new(spec.seed + 1).tokens(len, spec.vocab as u32);
     let want = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
-    for target in Target::ALL {
-        for backend in backends() {
-            let m = FamModel::compile_for(&ck, p, target, backend, &RunOptions::default()).unwrap();
-            let got = m.run(&ids).unwrap().mapv(f64::from);
-            assert_eq!(got.dim(), want.dim());
-            let diff = max_abs_diff(got.iter(), want.iter());
-            assert!(
-                diff < 1e-4,
-                "{target} {backend:?} {spec:?} {p:?}: max abs diff {diff}"
-            );
-        }
+    for (target, backend) in every_target_and_backend() {
+        let m = FamModel::compile_for(&ck, p, target, backend, &RunOptions::default()).unwrap();
+        let got = m.run(&ids).unwrap().mapv(f64::from);
+        assert_eq!(got.dim(), want.dim());
+        let diff = max_abs_diff(got.iter(), want.iter());
+        assert!(
+            diff < 1e-4,
+            "{target} {backend:?} {spec:?} {p:?}: max abs diff {diff}"
+        );
     }
 }
 
@@ -376,4 +374,27 @@ fn broken_exports_are_refused_clearly() {
 
     let e = open_err(&tmp.path().join("nothing-here"));
     assert!(e.contains("famc.json"), "{e}");
+}
+
+#[test]
+fn tract_refuses_the_ort_target_with_the_reason() {
+    let ck = Checkpoint::load(&hf_tiny_dir()).unwrap();
+    let refused = FamModel::compile_for(
+        &ck,
+        params(16, 0, 1),
+        Target::Ort,
+        BackendKind::Tract,
+        &RunOptions::default(),
+    );
+    let err = refused
+        .err()
+        .expect("tract cannot run the ort target")
+        .to_string();
+    for part in [
+        "target `ort`",
+        "SkipSimplifiedLayerNormalization",
+        "--target opset23",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
 }

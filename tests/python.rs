@@ -184,6 +184,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
         // (tract's run of them is tests/quant.rs's)
         let backend = match case.dtype {
             WeightDtype::Q8 | WeightDtype::Q4 => BackendKind::Ort,
+            _ if !runs(target, BackendKind::Tract) => BackendKind::Ort,
             _ => BackendKind::Tract,
         };
         let ours = FamModel::open(&out, backend, &RunOptions::default())
@@ -214,7 +215,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
 fn golden_graphs_pass_the_checker() {
     let Some(py) = python() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs");
-    for case in ["tiny-fam", "tiny-bswa", "tiny-fam-opset23"] {
+    for case in ["tiny-fam", "tiny-bswa", "tiny-fam-opset23", "tiny-fam-ort"] {
         run_python(
             &py,
             &[

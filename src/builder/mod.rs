@@ -754,6 +754,20 @@ impl GraphBuilder {
         attrs: Vec<Attr>,
         out_dtype: DType,
     ) -> Value {
+        self.op_multi_in_domain(domain, version, op_type, inputs, attrs, &[out_dtype])
+            .remove(0)
+    }
+
+    /// [`Self::op_in_domain`] with one output per entry of `out_dtypes`.
+    pub fn op_multi_in_domain(
+        &mut self,
+        domain: &str,
+        version: i64,
+        op_type: &str,
+        inputs: &[Option<&Value>],
+        attrs: Vec<Attr>,
+        out_dtypes: &[DType],
+    ) -> Vec<Value> {
         let have = *self.domains.entry(domain.to_string()).or_insert(version);
         if have != version {
             self.errors.push(BuildError::DomainVersion {
@@ -762,7 +776,7 @@ impl GraphBuilder {
                 want: version,
             });
         }
-        let out = self.op_opt(op_type, inputs, attrs, out_dtype);
+        let out = self.op_multi(op_type, inputs, attrs, out_dtypes);
         if let Some(n) = self.nodes.last_mut() {
             n.domain = domain.to_string();
         }
@@ -1016,6 +1030,18 @@ impl GraphBuilder {
     }
 
     /// `Concat(xs, axis)`; the output takes the first input's dtype.
+    /// `x` cut along `axis` into consecutive parts of `sizes`.
+    pub fn split(&mut self, x: &Value, axis: i64, sizes: &[i64]) -> Vec<Value> {
+        let dtypes = vec![x.dtype; sizes.len()];
+        let sizes = self.vec_i64(sizes);
+        self.op_multi(
+            "Split",
+            &[Some(x), Some(&sizes)],
+            vec![Attr::int("axis", axis)],
+            &dtypes,
+        )
+    }
+
     pub fn concat(&mut self, xs: &[&Value], axis: i64) -> Value {
         let dtype = xs.first().map_or(DType::F32, |v| v.dtype);
         self.op("Concat", xs, vec![Attr::int("axis", axis)], dtype)

@@ -4,7 +4,6 @@
 
 use super::Emitter;
 use crate::builder::{Attr, DType, GraphBuilder, Value};
-use crate::onnx::Target;
 
 impl Emitter<'_> {
     /// softmax(q·kᵀ + mask)·v for q [B, H, Q, Dh] (already scaled by 1/√Dh), keys and values
@@ -21,7 +20,7 @@ impl Emitter<'_> {
         b.scoped("sdpa", |b| {
             let cfg = self.cfg();
             let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            if self.target() == Target::Opset23 {
+            if self.lowering().fused_attention {
                 let mut inputs = vec![Some(q), Some(keys), Some(values)];
                 inputs.extend(mask.map(Some));
                 let attrs = vec![

@@ -15,6 +15,15 @@ impl Emitter<'_> {
         b.transpose(&r, &[0, 2, 1, 3])
     }
 
+    /// q [B, Q, H·Dh] → [B, H, Q, Dh], rotated and scaled by 1/√Dh.
+    fn scaled_q(&self, b: &mut GraphBuilder, q: &Value, rope: &Rope) -> Value {
+        let dh = self.cfg().head_dim;
+        let q = self.split_heads(b, q, self.cfg().num_heads);
+        let q = self.apply_rope(b, &q, rope);
+        let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
+        b.mul(&q, &scale)
+    }
+
     /// RMSNorm and the q, k, v projections of rows [B, Q, d], RoPE applied by `rope`: q
     /// [B, H, Q, Dh] (scaled by 1/√Dh, when `with_q`), k and v [B, Hkv, Q, Dh].
     pub(super) fn project(
@@ -25,22 +34,33 @@ impl Emitter<'_> {
         rope: &Rope,
         with_q: bool,
     ) -> Result<(Option<Value>, Value, Value)> {
-        let cfg = self.cfg();
-        let (h, hkv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let hkv = self.cfg().num_kv_heads;
         let w_in = weight_vec(b, "input_layernorm.weight", &lw.input_layernorm)?;
         let x = self.rms_norm(b, rows, &w_in);
         let a = &lw.attn;
-        let q = if with_q {
-            let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
-            let q = self.split_heads(b, &q, h);
-            let q = self.apply_rope(b, &q, rope);
-            let scale = b.scalar_f32((1.0 / (dh as f64).sqrt()) as f32);
-            Some(b.mul(&q, &scale))
+        let (q, k, v) = if self.lowering().packed_projections {
+            // one product for all three; without `with_q` (FAM-kv) the q part goes unused
+            let parts = [
+                (&a.q_proj, a.q_bias.as_ref()),
+                (&a.k_proj, a.k_bias.as_ref()),
+                (&a.v_proj, a.v_bias.as_ref()),
+            ];
+            let [q, k, v]: [Value; 3] = self
+                .packed_linear(b, &x, "qkv_proj", &parts)?
+                .try_into()
+                .expect("three parts");
+            (with_q.then(|| self.scaled_q(b, &q, rope)), k, v)
         } else {
-            None
+            let q = if with_q {
+                let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
+                Some(self.scaled_q(b, &q, rope))
+            } else {
+                None
+            };
+            let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
+            let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
+            (q, k, v)
         };
-        let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
-        let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
         let k = self.split_heads(b, &k, hkv);
         let v = self.split_heads(b, &v, hkv);
         let k = self.apply_rope(b, &k, rope);
@@ -72,17 +92,34 @@ impl Emitter<'_> {
             let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
             Ok((o, k, v, extras))
         })?;
-        let a = b.add(&attn_out, residual);
+        let skip = self.lowering().skip_norm;
+        let summed = (!skip).then(|| b.add(&attn_out, residual));
         let out = b.scoped("mlp", |b| -> Result<Value> {
             let w_post = weight_vec(
                 b,
                 "post_attention_layernorm.weight",
                 &lw.post_attention_layernorm,
             )?;
-            let z = self.rms_norm(b, &a, &w_post);
+            let (a, z) = match summed {
+                Some(a) => {
+                    let z = self.rms_norm(b, &a, &w_post);
+                    (a, z)
+                }
+                None => self.skip_rms_norm(b, &attn_out, residual, &w_post),
+            };
             let m = &lw.mlp;
-            let g = self.linear(b, &z, "gate_proj", &m.gate_proj, None)?;
-            let u = self.linear(b, &z, "up_proj", &m.up_proj, None)?;
+            let (g, u) = if self.lowering().packed_projections {
+                let parts = [(&m.gate_proj, None), (&m.up_proj, None)];
+                let [g, u]: [Value; 2] = self
+                    .packed_linear(b, &z, "gate_up_proj", &parts)?
+                    .try_into()
+                    .expect("two parts");
+                (g, u)
+            } else {
+                let g = self.linear(b, &z, "gate_proj", &m.gate_proj, None)?;
+                let u = self.linear(b, &z, "up_proj", &m.up_proj, None)?;
+                (g, u)
+            };
             let sg = b.sigmoid(&g);
             let silu = b.mul(&g, &sg);
             let gu = b.mul(&silu, &u);

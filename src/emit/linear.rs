@@ -1,14 +1,11 @@
 //! How a linear layer `x · Wᵀ (+ bias)` is spelled for each weight dtype: a MatMul against an
 //! f32/f16/bf16 matrix, or `com.microsoft.MatMulNBits` over q8/q4 blocks.
 
-use ndarray::Array2;
+use ndarray::{Array1, Array2, Axis};
 
-use super::{quant, Emitter, WeightDtype};
+use super::{quant, Emitter, WeightDtype, MS_DOMAIN};
 use crate::builder::{Attr, DType, GraphBuilder, TensorData, Value};
 use crate::error::Result;
-
-/// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
-const MS_DOMAIN: &str = "com.microsoft";
 
 /// `x · Wᵀ` for `w` [N, K] quantized to `bits` as `MatMulNBits` (initializers `<name>.codes`,
 /// `<name>.scales`) plus, for 4 bits, the blocks' offsets (`<name>.offsets`, see [`quant`]).
@@ -177,5 +174,34 @@ impl Emitter<'_> {
             }
             None => y,
         })
+    }
+}
+
+impl Emitter<'_> {
+    /// `x` through the matrices of `parts` stacked into one [ΣNᵢ, K] (one product, and for q4 one
+    /// sum of `x`'s blocks), cut back into each part's output; a missing bias is zeros.
+    pub(super) fn packed_linear(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        name: &str,
+        parts: &[(&Array2<f32>, Option<&Array1<f32>>)],
+    ) -> Result<Vec<Value>> {
+        let views: Vec<_> = parts.iter().map(|(w, _)| w.view()).collect();
+        let w = ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| crate::Error::Input(format!("{name}: the parts differ in inputs: {e}")))?;
+        let bias = parts.iter().any(|(_, bias)| bias.is_some()).then(|| {
+            let mut all = Vec::with_capacity(w.nrows());
+            for (w, bias) in parts {
+                match bias {
+                    Some(bias) => all.extend(bias.iter().copied()),
+                    None => all.extend(std::iter::repeat_n(0.0, w.nrows())),
+                }
+            }
+            Array1::from(all)
+        });
+        let y = self.linear(b, x, name, &w, bias.as_ref())?;
+        let sizes: Vec<i64> = parts.iter().map(|(w, _)| w.nrows() as i64).collect();
+        Ok(b.split(&y, -1, &sizes))
     }
 }

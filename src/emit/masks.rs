@@ -2,7 +2,6 @@
 
 use super::{Emitter, MASKED};
 use crate::builder::{DType, GraphBuilder, Value};
-use crate::onnx::Target;
 
 /// The block's rows, as the block mask is computed from them.
 pub(super) struct BlockRows<'v> {
@@ -91,7 +90,7 @@ impl Emitter<'_> {
         let m = b.where_(&vis, &open, &masked);
         let mask = b.unsqueeze(&m, &[1]); // [B, 1, Q, keys]
         let group = self.cfg().group_size() as i64;
-        if group > 1 && self.target() == Target::Opset17 {
+        if group > 1 && !self.lowering().fused_attention {
             // rows of a key/value head's G query heads run as G·Q rows (see `Emitter::attention`)
             let reps = b.vec_i64(&[1, 1, group, 1]);
             b.op("Tile", &[&mask, &reps], vec![], DType::F32)

@@ -13,6 +13,9 @@ use crate::error::Result;
 use crate::model::{FamParams, LlamaWeights, ModelConfig};
 use crate::onnx::Target;
 
+/// `com.microsoft` (ONNX Runtime's contrib operators), version 1.
+const MS_DOMAIN: &str = "com.microsoft";
+
 /// Additive mask value for hidden keys: finite, so no row ever turns into NaN.
 const MASKED: f32 = -1e9;
 
@@ -26,6 +29,7 @@ mod init;
 mod io;
 mod layer;
 mod linear;
+mod lowering;
 mod masks;
 mod norm;
 mod rotary;
@@ -179,7 +183,7 @@ impl<'a> Emitter<'a> {
         self.spec.config
     }
 
-    fn target(&self) -> Target {
-        self.spec.target
+    fn lowering(&self) -> lowering::Lowering {
+        lowering::Lowering::of(self.spec.target)
     }
 }

@@ -3,7 +3,6 @@
 
 use super::Emitter;
 use crate::builder::{Attr, DType, GraphBuilder, Value};
-use crate::onnx::Target;
 
 /// One turn of a rotary angle in the fixed point of `Emitter::rope_tables`: 2^52.
 const TURN: i64 = 1 << 52;
@@ -61,12 +60,11 @@ impl Emitter<'_> {
             let scale = b.scalar_f32((std::f64::consts::TAU / TURN as f64) as f32);
             let angles = b.mul(&r, &scale);
             // opset 17 multiplies by both halves [B, 1, Q, Dh]; opset 23 takes the half [B, Q, Dh/2]
-            let (emb, sign_axes): (Value, &[i64]) = match self.target() {
-                Target::Opset17 => {
-                    let emb = b.concat(&[&angles, &angles], -1);
-                    (b.unsqueeze(&emb, &[1]), &[1, 3])
-                }
-                Target::Opset23 => (angles, &[-1]),
+            let (emb, sign_axes): (Value, &[i64]) = if self.lowering().fused_rotary {
+                (angles, &[-1])
+            } else {
+                let emb = b.concat(&[&angles, &angles], -1);
+                (b.unsqueeze(&emb, &[1]), &[1, 3])
             };
             let zero = b.scalar_i64(0);
             let negative = b.less(positions, &zero);
@@ -83,7 +81,7 @@ impl Emitter<'_> {
     /// x·cos + rotate_half(x)·sin for x [B, heads, Q, Dh].
     pub(super) fn apply_rope(&self, b: &mut GraphBuilder, x: &Value, rope: &Rope) -> Value {
         b.scoped("rope", |b| {
-            if self.target() == Target::Opset23 {
+            if self.lowering().fused_rotary {
                 return b.op(
                     "RotaryEmbedding",
                     &[x, &rope.cos, &rope.sin],

@@ -16,17 +16,22 @@ pub enum Target {
     /// Opset 23's fused `RMSNormalization`, `RotaryEmbedding` and `Attention`, IR version 11:
     /// ONNX Runtime 1.31 (CPU, CUDA), tract ≥ 0.23, TensorRT ≥ 10.15.
     Opset23,
+    /// Opset 23 plus ONNX Runtime's own fusions: the q/k/v and gate/up projections packed into one
+    /// MatMul each, and the residual sum with the post-attention RMSNorm as
+    /// `com.microsoft.SkipSimplifiedLayerNormalization`. ONNX Runtime only (CPU, CUDA).
+    Ort,
 }
 
 impl Target {
     /// Every target, in the order `famc export --target` lists them.
-    pub const ALL: [Target; 2] = [Target::Opset17, Target::Opset23];
+    pub const ALL: [Target; 3] = [Target::Opset17, Target::Opset23, Target::Ort];
 
-    /// `opset17` or `opset23`, as the flag and famc.json spell it.
+    /// `opset17`, `opset23` or `ort`, as the flag and famc.json spell it.
     pub fn name(self) -> &'static str {
         match self {
             Target::Opset17 => "opset17",
             Target::Opset23 => "opset23",
+            Target::Ort => "ort",
         }
     }
 
@@ -34,7 +39,7 @@ impl Target {
     pub fn opset(self) -> i64 {
         match self {
             Target::Opset17 => super::DEFAULT_OPSET,
-            Target::Opset23 => 23,
+            Target::Opset23 | Target::Ort => 23,
         }
     }
 
@@ -42,8 +47,14 @@ impl Target {
     pub fn ir_version(self) -> i64 {
         match self {
             Target::Opset17 => super::IR_VERSION,
-            Target::Opset23 => 11,
+            Target::Opset23 | Target::Ort => 11,
         }
+    }
+
+    /// Whether only ONNX Runtime reads these graphs: they use its contrib operators beyond
+    /// `MatMulNBits` (which tract reads too).
+    pub fn ort_only(self) -> bool {
+        self == Target::Ort
     }
 }
 

@@ -409,12 +409,22 @@ pub fn backends() -> Vec<famc::runtime::BackendKind> {
 }
 
 /// Runs the `famc` binary.
-/// Every emission target paired with every backend of [`backends`].
+/// Every emission target paired with every backend of [`backends`] that runs it.
 pub fn every_target_and_backend() -> Vec<(famc::onnx::Target, famc::runtime::BackendKind)> {
     famc::onnx::Target::ALL
         .into_iter()
-        .flat_map(|t| backends().into_iter().map(move |b| (t, b)))
+        .flat_map(|t| {
+            backends()
+                .into_iter()
+                .filter(move |&b| runs(t, b))
+                .map(move |b| (t, b))
+        })
         .collect()
+}
+
+/// Whether `backend` runs `target`'s graphs (tract has no ONNX Runtime contrib fusions).
+pub fn runs(target: famc::onnx::Target, backend: famc::runtime::BackendKind) -> bool {
+    !target.ort_only() || backend == famc::runtime::BackendKind::Ort
 }
 
 pub fn famc(args: &[&str]) -> std::process::Output {
