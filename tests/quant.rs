@@ -124,9 +124,10 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
             }
         };
         // the `ort` target packs q/k/v and gate/up: this matrix is a run of rows of the packed one
-        let (packed, before, rows) = match inits.contains_key(&format!("{graph_name}.codes")) {
-            true => (graph_name.clone(), 0, shape[0]),
-            false => packed_part(&graph_name, &t.0),
+        let (packed, before, rows) = if inits.contains_key(&format!("{graph_name}.codes")) {
+            (graph_name.clone(), 0, shape[0])
+        } else {
+            packed_part(&graph_name, &t.0)
         };
         let codes = &inits[&format!("{packed}.codes")];
         // the embedding (and a tied head, which reads it) is always 8-bit

@@ -1029,7 +1029,6 @@ impl GraphBuilder {
         self.op("Transpose", &[x], vec![Attr::ints("perm", perm)], x.dtype)
     }
 
-    /// `Concat(xs, axis)`; the output takes the first input's dtype.
     /// `x` cut along `axis` into consecutive parts of `sizes`.
     pub fn split(&mut self, x: &Value, axis: i64, sizes: &[i64]) -> Vec<Value> {
         let dtypes = vec![x.dtype; sizes.len()];
@@ -1042,6 +1041,7 @@ impl GraphBuilder {
         )
     }
 
+    /// `Concat(xs, axis)`; the output takes the first input's dtype.
     pub fn concat(&mut self, xs: &[&Value], axis: i64) -> Value {
         let dtype = xs.first().map_or(DType::F32, |v| v.dtype);
         self.op("Concat", xs, vec![Attr::int("axis", axis)], dtype)

@@ -175,9 +175,7 @@ impl Emitter<'_> {
             None => y,
         })
     }
-}
 
-impl Emitter<'_> {
     /// `x` through the matrices of `parts` stacked into one [ΣNᵢ, K] (one product, and for q4 one
     /// sum of `x`'s blocks), cut back into each part's output; a missing bias is zeros.
     pub(super) fn packed_linear(

@@ -35,7 +35,7 @@ impl Emitter<'_> {
         b.scoped("norm", |b| {
             let eps = self.cfg().rms_norm_eps as f32;
             // outputs: normalised, mean (unused), 1/rms (unused), the sum
-            let mut outs = b.op_multi_in_domain(
+            let outs = b.op_multi_in_domain(
                 MS_DOMAIN,
                 1,
                 "SkipSimplifiedLayerNormalization",
@@ -43,8 +43,8 @@ impl Emitter<'_> {
                 vec![Attr::float("epsilon", eps)],
                 &[DType::F32; 4],
             );
-            let sum = outs.pop().expect("four outputs");
-            (sum, outs.swap_remove(0))
+            let [normed, _, _, sum]: [Value; 4] = outs.try_into().expect("four outputs");
+            (sum, normed)
         })
     }
 }

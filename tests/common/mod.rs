@@ -408,7 +408,6 @@ pub fn backends() -> Vec<famc::runtime::BackendKind> {
     v
 }
 
-/// Runs the `famc` binary.
 /// Every emission target paired with every backend of [`backends`] that runs it.
 pub fn every_target_and_backend() -> Vec<(famc::onnx::Target, famc::runtime::BackendKind)> {
     famc::onnx::Target::ALL
@@ -427,6 +426,7 @@ pub fn runs(target: famc::onnx::Target, backend: famc::runtime::BackendKind) -> 
     !target.ort_only() || backend == famc::runtime::BackendKind::Ort
 }
 
+/// Runs the `famc` binary.
 pub fn famc(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_famc"))
         .args(args)
