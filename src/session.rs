@@ -770,13 +770,13 @@ impl FamModel {
     }
 }
 
-/// The target an in-memory compile emits for `backend` with `opts`: the faster of the two where
-/// both were measured side by side (docs/BENCHMARKS.md, "Targets": opset 23 on ONNX Runtime's CPU
+/// The target an in-memory compile emits for `backend` with `opts`: the fastest where the targets
+/// were measured side by side (docs/BENCHMARKS.md, "Targets": `ort` on ONNX Runtime's CPU
 /// provider, opset 17 on tract), and the portable opset 17 on the GPU providers, where no
-/// comparison has run (TensorRT parses opset 23 only from 10.15).
+/// comparison has run (TensorRT parses opset 23 only from 10.15, and not the contrib operators).
 pub fn best_target(backend: BackendKind, opts: &RunOptions) -> Target {
     match (backend, opts.ep.kind) {
-        (BackendKind::Ort, crate::runtime::EpKind::Cpu) => Target::Opset23,
+        (BackendKind::Ort, crate::runtime::EpKind::Cpu) => Target::Ort,
         _ => Target::Opset17,
     }
 }
