@@ -7,7 +7,8 @@ graph on one token, RUNS times each after a warm-up, with ONNX Runtime's profile
 for each graph the share of kernel time per family (attention, projections, MLP, head, norm and
 rotary, masks and positions, copies, other) as one JSON line. Nodes are assigned to families by
 the weights they read and by famc's name scopes (layers.N.attn.norm, .rope, .sdpa, head, …); nodes
-ONNX Runtime fused keep the name of one of theirs.
+ONNX Runtime fused keep the name of one of theirs. "top_ops" lists the costliest (family, operator)
+pairs: ms per run, nodes per run, µs per node.
 """
 import collections
 import json
@@ -86,17 +87,27 @@ def profile(path, manifest, which, runs, threads):
     events = json.load(open(trace))
     os.remove(trace)
     per = collections.Counter()
+    per_op = collections.Counter()
+    nodes = collections.Counter()
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         node = e["name"][: -len("_kernel_time")]
-        per[family(node, e["args"].get("op_name", ""), weights)] += e["dur"]
+        op = e["args"].get("op_name", "")
+        fam = family(node, op, weights)
+        per[fam] += e["dur"]
+        per_op[f"{fam}/{op}"] += e["dur"]
+        nodes[f"{fam}/{op}"] += 1
     total = sum(per.values())
     return {
         "graph": which,
         "target": manifest.get("target", "opset17"),
         "ms_per_run": round(total / 1000 / (runs + 1), 2),
         "share": {k: round(v / total, 3) for k, v in per.most_common()},
+        "top_ops": {
+            k: [round(v / 1000 / (runs + 1), 3), nodes[k] // (runs + 1), round(v / nodes[k], 1)]
+            for k, v in per_op.most_common(12)
+        },
     }
 
 
