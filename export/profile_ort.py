@@ -95,9 +95,10 @@ def profile(path, manifest, which, runs, threads):
         node = e["name"][: -len("_kernel_time")]
         op = e["args"].get("op_name", "")
         fam = family(node, op, weights)
+        key = f"{fam}/{op}"
         per[fam] += e["dur"]
-        per_op[f"{fam}/{op}"] += e["dur"]
-        nodes[f"{fam}/{op}"] += 1
+        per_op[key] += e["dur"]
+        nodes[key] += 1
     total = sum(per.values())
     return {
         "graph": which,
