@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use famc::export::{self, ExportOptions, WeightDtype};
+use famc::export::{self, Activations, ExportOptions, WeightDtype};
 use famc::model::{Checkpoint, FamParams};
 use famc::onnx::Target;
 use famc::reference::Reference;
@@ -42,6 +42,7 @@ struct Case {
     fam: FamParams,
     external_threshold: usize,
     dtype: WeightDtype,
+    activations: Activations,
 }
 
 fn cases() -> Vec<Case> {
@@ -59,6 +60,7 @@ fn cases() -> Vec<Case> {
             fam: p(4, 3, 2),
             external_threshold: 1 << 20,
             dtype: WeightDtype::F32,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -69,6 +71,7 @@ fn cases() -> Vec<Case> {
             fam: p(5, 2, 0),
             external_threshold: 1 << 20,
             dtype: WeightDtype::F32,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -78,12 +81,14 @@ fn cases() -> Vec<Case> {
             fam: p(3, 0, 1),
             external_threshold: 1 << 20,
             dtype: WeightDtype::F32,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec::default(),
             fam: p(4, 0, 0),
             external_threshold: 1 << 20,
             dtype: WeightDtype::F32,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -93,6 +98,7 @@ fn cases() -> Vec<Case> {
             fam: p(4, 2, 1),
             external_threshold: 256,
             dtype: WeightDtype::F32,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -102,12 +108,14 @@ fn cases() -> Vec<Case> {
             fam: p(4, 2, 1),
             external_threshold: 256,
             dtype: WeightDtype::F16,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec::default(),
             fam: p(3, 0, 2),
             external_threshold: 1 << 20,
             dtype: WeightDtype::BF16,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -121,6 +129,7 @@ fn cases() -> Vec<Case> {
             fam: p(4, 2, 1),
             external_threshold: 256,
             dtype: WeightDtype::Q4,
+            activations: Activations::F32,
         },
         Case {
             spec: Spec {
@@ -132,6 +141,20 @@ fn cases() -> Vec<Case> {
             fam: p(4, 0, 1),
             external_threshold: 256,
             dtype: WeightDtype::Q8,
+            activations: Activations::F32,
+        },
+        Case {
+            spec: Spec {
+                hidden: 64,
+                head_dim: 16,
+                inter: 96,
+                tie: true,
+                ..Spec::default()
+            },
+            fam: p(4, 2, 1),
+            external_threshold: 256,
+            dtype: WeightDtype::Q8,
+            activations: Activations::Int8,
         },
     ]
 }
@@ -152,6 +175,7 @@ fn every_export_passes_the_onnx_checker_and_the_contract_driver() {
             // f32 compute: famc's and Python's ONNX Runtime sessions then agree to 1e-4
             accuracy_level: 1,
             target,
+            activations: case.activations,
         };
         export::export(&ck, case.fam, &out, &opts).unwrap();
         run_python(

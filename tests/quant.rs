@@ -10,7 +10,7 @@ use std::path::Path;
 use common::*;
 use famc::builder::load_model;
 use famc::emit::quant::{quantize, BLOCK};
-use famc::export::{self, ExportOptions, WeightDtype};
+use famc::export::{self, Activations, ExportOptions, WeightDtype};
 use famc::model::{Checkpoint, FamParams};
 use famc::onnx::Target;
 use famc::reference::Reference;
@@ -215,6 +215,7 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
                     accuracy_level: 1,
                     external_threshold: 256,
                     target,
+                    ..ExportOptions::default()
                 },
             )
             .unwrap();
@@ -337,5 +338,171 @@ fn the_cli_refuses_bad_quantization_requests_before_writing() {
     assert_clean_failure(&o, "--accuracy-level 9");
     let o = famc(&[&base[..], &["--dtype", "q3"]].concat());
     assert_clean_failure(&o, "q3");
+    let o = famc(&[&base[..], &["--dtype", "q4", "--activations", "int8"]].concat());
+    assert_clean_failure(&o, "use --dtype q8");
+    let o = famc(&[&base[..], &["--activations", "int4"]].concat());
+    assert_clean_failure(&o, "int4");
     assert!(!out.exists(), "a refused export left {}", out.display());
+}
+
+/// The checkpoint's tensors with each o_proj, gate and up matrix replaced by what an int8-
+/// activation export's `<name>.codes` [K, N] int8 and `.scales` [N] stand for (code · scale of
+/// its output row, docs/graph-contract.md), and the other matrices and the embedding by their
+/// 8-bit blocks.
+fn row_dequantized_tensors(graph: &Path, t: &Tensors) -> Tensors {
+    let m = load_model(graph).unwrap();
+    let inits: BTreeMap<String, famc::onnx::TensorProto> = m
+        .graph
+        .unwrap()
+        .initializer
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let f32s = |t: &famc::onnx::TensorProto| -> Vec<f32> {
+        t.raw_data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut out = t.0.clone();
+    for (name, (shape, v)) in out.iter_mut() {
+        if shape.len() != 2 || name == "model.fam_init" {
+            continue;
+        }
+        let (rows, k) = (shape[0], shape[1]);
+        if name == "model.embed_tokens.weight" {
+            let codes = &inits["embed_tokens.codes"];
+            let scales = f32s(&inits["embed_tokens.scales"]);
+            *v = dequantize(8, rows, k, &codes.raw_data, &scales, None);
+            continue;
+        }
+        let rest = name.strip_prefix("model.layers.").unwrap();
+        let (layer, rest) = rest.split_once('.').unwrap();
+        let rest = rest
+            .strip_suffix(".weight")
+            .unwrap()
+            .replace("self_attn.", "attn.");
+        let graph_name = format!("layers.{layer}.{rest}");
+        let (packed, before, n) = if inits.contains_key(&format!("{graph_name}.codes")) {
+            (graph_name.clone(), 0, rows)
+        } else {
+            packed_part(&graph_name, &t.0)
+        };
+        let codes = &inits[&format!("{packed}.codes")];
+        let scales = f32s(&inits[&format!("{packed}.scales")]);
+        // o_proj and gate/up take int8 activations; q/k/v and down_proj keep q8 blocks
+        let int8 = ["o_proj", "gate_proj", "up_proj", "gate_up_proj"]
+            .iter()
+            .any(|p| packed.ends_with(p));
+        if !int8 {
+            assert_eq!(codes.data_type, 2, "{packed}.codes is uint8 blocks");
+            let all = dequantize(8, n, k, &codes.raw_data, &scales, None);
+            *v = all[before * k..(before + rows) * k].to_vec();
+            continue;
+        }
+        assert_eq!(codes.data_type, 3, "{packed}.codes is int8");
+        assert_eq!(codes.dims, [k as i64, n as i64], "{packed}.codes is [K, N]");
+        for r in 0..rows {
+            for c in 0..k {
+                let code = codes.raw_data[c * n + before + r] as i8;
+                v[r * k + c] = (code as f64 * scales[before + r] as f64) as f32;
+            }
+        }
+    }
+    Tensors(out)
+}
+
+#[test]
+fn int8_activations_stay_near_the_reference_and_each_row_stands_alone() {
+    let spec = Spec {
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        inter: 96,
+        vocab: 80,
+        tie: true,
+        fam_init_rows: Some(2),
+        ..Spec::default()
+    };
+    let (tmp, dir, tensors) = temp_checkpoint(&spec);
+    let ck = Checkpoint::load(&dir).unwrap();
+    let p = FamParams {
+        block_len: 4,
+        fam_len: 2,
+        mem_blocks: 1,
+    };
+    let ids = Rng::new(5).tokens(15, spec.vocab as u32);
+    let other = Rng::new(6).tokens(15, spec.vocab as u32);
+    let f32_logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
+    for target in Target::ALL {
+        let out = tmp.path().join(format!("export-int8-{target}"));
+        export::export(
+            &ck,
+            p,
+            &out,
+            &ExportOptions {
+                dtype: WeightDtype::Q8,
+                accuracy_level: 1,
+                external_threshold: 256,
+                target,
+                activations: Activations::Int8,
+            },
+        )
+        .unwrap();
+        let deq = row_dequantized_tensors(&out.join("block.onnx"), &tensors);
+        let deq_dir = tmp.path().join(format!("row-dequantized-{target}"));
+        std::fs::create_dir_all(&deq_dir).unwrap();
+        std::fs::copy(dir.join("config.json"), deq_dir.join("config.json")).unwrap();
+        write_safetensors(&deq_dir, &deq, DiskDtype::F32, 1);
+        let want = Reference::new(&Checkpoint::load(&deq_dir).unwrap(), p)
+            .unwrap()
+            .forward(&ids)
+            .unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let weights_moved = max_abs_diff(want.iter(), f32_logits.iter());
+        let mut seen = Vec::new();
+        for backend in backends() {
+            if !runs(target, backend) {
+                continue;
+            }
+            let m = FamModel::open(&out, backend, &RunOptions::default()).unwrap();
+            let got = m.run(&ids).unwrap();
+            let diff = max_abs_diff(got.mapv(f64::from).iter(), want.iter());
+            eprintln!(
+                "{target} on {backend}: |int8 - reference(dequantized)| {diff:.2e}, |reference(dequantized) - reference(f32)| {weights_moved:.2e} (logits up to {scale:.1})"
+            );
+            // what is left is the activations' rounding, half a step of each row's max / 127:
+            // the same step as the weights' own, so it moves this (sensitive, random) model's
+            // logits no more than the weights' rounding did
+            assert!(
+                diff < weights_moved,
+                "{target} on {backend}: {diff} (weights' rounding {weights_moved})"
+            );
+            assert!(diff > 1e-6, "{target} on {backend}: int8 changed nothing");
+
+            // a row's quantization is its own: batched with another stream, the logits are the
+            // ones it has alone
+            let mut states = [m.new_state(), m.new_state()];
+            let alone = {
+                let mut s = [m.new_state()];
+                m.step(&mut s, &[&ids[..4]]).unwrap().remove(0)
+            };
+            let batched = m.step(&mut states, &[&ids[..4], &other[..4]]).unwrap();
+            let apart = max_abs_diff_f32(batched[0].iter(), alone.iter());
+            assert!(
+                apart < 1e-5,
+                "{target} on {backend}: batching moved logits by {apart}"
+            );
+            seen.push((backend, got));
+        }
+        if let [(_, a), (_, b)] = &seen[..] {
+            let diff = max_abs_diff_f32(a.iter(), b.iter());
+            eprintln!("{target}: |tract - ort| {diff:.2e}");
+            assert!(
+                diff < 1e-3 * scale as f32,
+                "{target}: tract and ONNX Runtime differ by {diff}"
+            );
+        }
+    }
 }

@@ -38,8 +38,10 @@ pub enum DType {
     I32,
     /// `bool` (one byte per element).
     Bool,
-    /// `uint8` (packed quantized weights).
+    /// `uint8` (packed quantized weights, quantized activations).
     U8,
+    /// `int8` (per-channel quantized weights).
+    I8,
 }
 
 impl DType {
@@ -53,6 +55,7 @@ impl DType {
             DType::I32 => DataType::Int32,
             DType::Bool => DataType::Bool,
             DType::U8 => DataType::Uint8,
+            DType::I8 => DataType::Int8,
         }
     }
 
@@ -66,6 +69,7 @@ impl DType {
             DataType::Int32 => Some(DType::I32),
             DataType::Bool => Some(DType::Bool),
             DataType::Uint8 => Some(DType::U8),
+            DataType::Int8 => Some(DType::I8),
             _ => None,
         }
     }
@@ -76,7 +80,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
-            DType::Bool | DType::U8 => 1,
+            DType::Bool | DType::U8 | DType::I8 => 1,
         }
     }
 

@@ -96,6 +96,11 @@ impl TensorData {
         Self::from_le(DType::U8, dims, values.iter().copied())
     }
 
+    /// `int8` tensor. Panics if `values.len()` does not match `dims`.
+    pub fn from_i8(values: &[i8], dims: &[i64]) -> Self {
+        Self::from_le(DType::I8, dims, values.iter().map(|&v| v as u8))
+    }
+
     /// `bool` tensor. Panics if `values.len()` does not match `dims`.
     pub fn from_bool(values: &[bool], dims: &[i64]) -> Self {
         Self::from_le(DType::Bool, dims, values.iter().map(|&v| u8::from(v)))
@@ -112,6 +117,7 @@ impl TensorData {
             DType::I32 => Self::from_i32(&[x as i32], &[]),
             DType::Bool => Self::from_bool(&[x != 0.0], &[]),
             DType::U8 => Self::from_u8(&[x as u8], &[]),
+            DType::I8 => Self::from_i8(&[x as i8], &[]),
         }
     }
 

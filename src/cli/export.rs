@@ -32,6 +32,11 @@ pub struct ExportArgs {
     /// weights.
     #[arg(long, default_value_t = famc::export::DEFAULT_ACCURACY_LEVEL)]
     pub accuracy_level: i64,
+    /// q8 only: int8 activations. Each activation row is quantized to int8 and multiplied by
+    /// per-channel int8 weights (MatMulInteger), about 3x faster products in prefill, at a
+    /// perplexity cost that docs/BENCHMARKS.md states; f32 (the default) keeps them exact.
+    #[arg(long, value_enum, default_value_t = famc::export::Activations::F32)]
+    pub activations: famc::export::Activations,
     /// The ONNX dialect: opset17 (primitives, any runtime) or opset23 (fused Attention,
     /// RMSNormalization and RotaryEmbedding; ONNX Runtime 1.31, tract ≥ 0.23, TensorRT ≥ 10.15).
     #[arg(long, value_enum, default_value_t = famc::onnx::Target::default())]
@@ -110,6 +115,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         dtype: args.dtype.parse()?,
         accuracy_level: args.accuracy_level,
         target: args.target,
+        activations: args.activations,
     };
     let m = famc::export::export(&ck, fam, &args.out, &opts)?;
     eprintln!(

@@ -1,6 +1,6 @@
 //! The output head: final norm and logits, a tied head reading the embedding's own matrix.
 
-use super::linear::{nbits_node, to_f32, weight_vec};
+use super::linear::{nbits_node, to_f32, weight_vec, Product};
 use super::Emitter;
 use crate::builder::{Attr, DType, GraphBuilder, Value};
 use crate::error::Result;
@@ -28,7 +28,7 @@ impl Emitter<'_> {
                 return Ok(nbits_node(b, &h, &codes, &scales, [d, vocab], 8, acc));
             }
             let Some(embed) = embed else {
-                return self.linear(b, &h, "lm_head", w.output_weight(), None);
+                return self.linear(b, &h, Product::Head, "lm_head", w.output_weight(), None);
             };
             // A tied head reads the embedding's own [V, d] initializer, so the matrix is stored
             // and held once: Gemm's transB takes it as it is, where a MatMul would need a

@@ -1,6 +1,6 @@
 //! One decoder layer: the q/k/v projections, attention and the MLP, shared by every graph.
 
-use super::linear::weight_vec;
+use super::linear::{weight_vec, Product};
 use super::rotary::Rope;
 use super::Emitter;
 use crate::builder::{GraphBuilder, Value};
@@ -46,19 +46,19 @@ impl Emitter<'_> {
                 (&a.v_proj, a.v_bias.as_ref()),
             ];
             let [q, k, v]: [Value; 3] = self
-                .packed_linear(b, &x, "qkv_proj", &parts)?
+                .packed_linear(b, &x, Product::Qkv, "qkv_proj", &parts)?
                 .try_into()
                 .expect("three parts");
             (with_q.then(|| self.scaled_q(b, &q, rope)), k, v)
         } else {
             let q = if with_q {
-                let q = self.linear(b, &x, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
+                let q = self.linear(b, &x, Product::Qkv, "q_proj", &a.q_proj, a.q_bias.as_ref())?;
                 Some(self.scaled_q(b, &q, rope))
             } else {
                 None
             };
-            let k = self.linear(b, &x, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
-            let v = self.linear(b, &x, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
+            let k = self.linear(b, &x, Product::Qkv, "k_proj", &a.k_proj, a.k_bias.as_ref())?;
+            let v = self.linear(b, &x, Product::Qkv, "v_proj", &a.v_proj, a.v_bias.as_ref())?;
             (q, k, v)
         };
         let k = self.split_heads(b, &k, hkv);
@@ -89,7 +89,7 @@ impl Emitter<'_> {
             let q = q.expect("asked for q");
             let (o, extras) = attend(b, &q, &k, &v);
             let a = &lw.attn;
-            let o = self.linear(b, &o, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
+            let o = self.linear(b, &o, Product::Out, "o_proj", &a.o_proj, a.o_bias.as_ref())?;
             Ok((o, k, v, extras))
         })?;
         let skip = self.lowering().skip_norm;
@@ -111,19 +111,19 @@ impl Emitter<'_> {
             let (g, u) = if self.lowering().packed_projections {
                 let parts = [(&m.gate_proj, None), (&m.up_proj, None)];
                 let [g, u]: [Value; 2] = self
-                    .packed_linear(b, &z, "gate_up_proj", &parts)?
+                    .packed_linear(b, &z, Product::GateUp, "gate_up_proj", &parts)?
                     .try_into()
                     .expect("two parts");
                 (g, u)
             } else {
-                let g = self.linear(b, &z, "gate_proj", &m.gate_proj, None)?;
-                let u = self.linear(b, &z, "up_proj", &m.up_proj, None)?;
+                let g = self.linear(b, &z, Product::GateUp, "gate_proj", &m.gate_proj, None)?;
+                let u = self.linear(b, &z, Product::GateUp, "up_proj", &m.up_proj, None)?;
                 (g, u)
             };
             let sg = b.sigmoid(&g);
             let silu = b.mul(&g, &sg);
             let gu = b.mul(&silu, &u);
-            let down = self.linear(b, &gu, "down_proj", &m.down_proj, None)?;
+            let down = self.linear(b, &gu, Product::Down, "down_proj", &m.down_proj, None)?;
             Ok(b.add(&a, &down))
         })?;
         Ok((out, k, v, extras))

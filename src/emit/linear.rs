@@ -1,9 +1,10 @@
 //! How a linear layer `x · Wᵀ (+ bias)` is spelled for each weight dtype: a MatMul against an
-//! f32/f16/bf16 matrix, or `com.microsoft.MatMulNBits` over q8/q4 blocks.
+//! f32/f16/bf16 matrix, `com.microsoft.MatMulNBits` over q8/q4 blocks, or with int8
+//! activations a standard `MatMulInteger` over int8 rows.
 
 use ndarray::{Array1, Array2, Axis};
 
-use super::{quant, Emitter, WeightDtype, MS_DOMAIN};
+use super::{quant, Activations, Emitter, WeightDtype, MS_DOMAIN};
 use crate::builder::{Attr, DType, GraphBuilder, TensorData, Value};
 use crate::error::Result;
 
@@ -38,6 +39,70 @@ fn matmul_nbits(
     );
     let shift = b.matmul(&sums, &c);
     Ok(b.add(&y, &shift))
+}
+
+/// Which of a model's products a linear layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Product {
+    /// q, k and v (packed or not).
+    Qkv,
+    /// The attention output's projection.
+    Out,
+    /// The MLP's gate and up projections.
+    GateUp,
+    /// The MLP's down projection.
+    Down,
+    /// An untied output head.
+    Head,
+}
+
+impl Product {
+    /// Whether `--activations int8` quantizes this product's input. Measured on SmolLM2
+    /// (docs/BENCHMARKS.md): int8 q/k/v inputs move attention's sharp scores, and down_proj's
+    /// input (SiLU(gate)·up) has outlier channels that coarsen every row's step; those, and the
+    /// head, keep q8 blocks over f32 activations.
+    fn int8_activations(self) -> bool {
+        matches!(self, Product::Out | Product::GateUp)
+    }
+}
+
+/// `x · Wᵀ` in int8: W [N, K] as [`quant::quantize_rows`] gives it (7-bit codes) (initializers `<name>.codes`
+/// [K, N] int8 and `<name>.scales` [N]), each row of `x` quantized around its own absolute
+/// maximum, s = max |x| / 127, to uint8 codes round(x / s) + 128 (zero point 128, so that
+/// runtimes take their u8·s8 kernels), and the int32 products rescaled by s and the weight scales.
+/// A row's result depends on that row alone, whatever else is batched with it.
+fn int8_linear(b: &mut GraphBuilder, x: &Value, name: &str, w: &Array2<f32>) -> Result<Value> {
+    let (n, k) = w.dim();
+    let q = quant::quantize_rows(w);
+    let codes = b.weight(
+        &format!("{name}.codes"),
+        TensorData::from_i8(&q.codes, &[k as i64, n as i64]),
+    )?;
+    let scales = b.weight(
+        &format!("{name}.scales"),
+        TensorData::from_f32(&q.scales, &[n as i64]),
+    )?;
+    let (xq, xs) = b.scoped("quantize", |b| {
+        let abs = b.op("Abs", &[x], vec![], DType::F32);
+        let max = b.reduce_max(&abs, &[-1], true);
+        let step = b.scalar_f32(1.0 / 127.0);
+        let s = b.mul(&max, &step);
+        // an all-zero row keeps a finite step and quantizes to zeros
+        let tiny = b.scalar_f32(f32::MIN_POSITIVE);
+        let s = b.op("Max", &[&s, &tiny], vec![], DType::F32);
+        let r = b.div(x, &s);
+        let r = b.op("Round", &[&r], vec![], DType::F32);
+        let mid = b.scalar_f32(128.0);
+        let r = b.add(&r, &mid);
+        let (lo, hi) = (b.scalar_f32(1.0), b.scalar_f32(255.0));
+        let r = b.op("Clip", &[&r, &lo, &hi], vec![], DType::F32);
+        (b.cast(&r, DType::U8), s)
+    });
+    let zero = b.scalar(DType::U8, 128.0);
+    let acc = b.op("MatMulInteger", &[&xq, &codes, &zero], vec![], DType::I32);
+    let y = b.cast(&acc, DType::F32);
+    let y = b.mul(&y, &xs);
+    Ok(b.mul(&y, &scales))
 }
 
 /// The `MatMulNBits` node `x · Wᵀ` for W [N, K] of `bits`-bit `codes` and `scales` (no zero
@@ -156,13 +221,15 @@ impl Emitter<'_> {
         &self,
         b: &mut GraphBuilder,
         x: &Value,
+        product: Product,
         name: &str,
         w: &Array2<f32>,
         bias: Option<&ndarray::Array1<f32>>,
     ) -> Result<Value> {
-        let y = match self.spec.weight_dtype.bits() {
-            Some(bits) => matmul_nbits(b, x, name, w, bits, self.spec.accuracy_level)?,
-            None => {
+        let y = match (self.spec.activations, self.spec.weight_dtype.bits()) {
+            (Activations::Int8, _) if product.int8_activations() => int8_linear(b, x, name, w)?,
+            (_, Some(bits)) => matmul_nbits(b, x, name, w, bits, self.spec.accuracy_level)?,
+            (_, None) => {
                 let wt = weight_t(b, &format!("{name}.weight"), w, self.spec.weight_dtype)?;
                 b.matmul(x, &wt)
             }
@@ -182,6 +249,7 @@ impl Emitter<'_> {
         &self,
         b: &mut GraphBuilder,
         x: &Value,
+        product: Product,
         name: &str,
         parts: &[(&Array2<f32>, Option<&Array1<f32>>)],
     ) -> Result<Vec<Value>> {
@@ -198,7 +266,7 @@ impl Emitter<'_> {
             }
             Array1::from(all)
         });
-        let y = self.linear(b, x, name, &w, bias.as_ref())?;
+        let y = self.linear(b, x, product, name, &w, bias.as_ref())?;
         let sizes: Vec<i64> = parts.iter().map(|(w, _)| w.nrows() as i64).collect();
         Ok(b.split(&y, -1, &sizes))
     }

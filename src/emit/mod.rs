@@ -101,6 +101,8 @@ pub struct EmitSpec<'a> {
     pub weight_dtype: WeightDtype,
     /// `MatMulNBits`' `accuracy_level` for q8/q4 (1: f32 compute; 4: int8 compute).
     pub accuracy_level: i64,
+    /// What the projection and MLP products take their activations as.
+    pub activations: Activations,
     /// Where initializers over the given size go as they are emitted; `None` keeps them in
     /// the graphs.
     pub store: Option<(crate::builder::SharedStore, usize)>,
@@ -171,6 +173,45 @@ impl std::str::FromStr for WeightDtype {
                 "unknown dtype `{other}` (f32, f16, bf16, q8 or q4)"
             ))),
         }
+    }
+}
+
+/// What the products of the projection and MLP matrices compute from (docs/graph-contract.md,
+/// "Quantized weights").
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// f32 activations against the stored weights.
+    #[default]
+    F32,
+    /// q8 only: each activation row quantized to int8 around its own absolute maximum, times
+    /// int8 weights with one scale per output channel (`MatMulInteger`): about 3x faster
+    /// products in prefill, at a perplexity cost (docs/BENCHMARKS.md).
+    Int8,
+}
+
+impl Activations {
+    /// `f32` or `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        }
+    }
+
+    /// Whether this is the default, f32 (which famc.json leaves unsaid).
+    pub fn is_f32(&self) -> bool {
+        *self == Activations::F32
     }
 }
 

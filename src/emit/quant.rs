@@ -91,3 +91,36 @@ pub fn quantize(w: &Array2<f32>, bits: u32) -> Quantized {
         offsets: (bits == 4).then_some(offsets),
     }
 }
+
+/// A matrix [N, K] quantized to int8 per output row for `MatMulInteger`: symmetric, 7 bits of
+/// it (scale = max |row| / 63), so that no pair of u8 · s8 products can overflow the int16 sums
+/// of x86 CPUs without VNNI (255 · 63 · 2 < 2¹⁵); stored transposed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowQuantized {
+    /// Codes [K, N] (the right-hand side of `x · Wᵀ`), each `round(w / scale)` in [-63, 63].
+    pub codes: Vec<i8>,
+    /// [N].
+    pub scales: Vec<f32>,
+}
+
+/// `w` [N, K] quantized to 7-bit int8 codes with one scale per row.
+pub fn quantize_rows(w: &Array2<f32>) -> RowQuantized {
+    let (n, k) = w.dim();
+    let scales: Vec<f32> = w
+        .rows()
+        .into_iter()
+        .map(|row| {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if max > 0.0 {
+                max / 63.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let mut codes = vec![0i8; k * n];
+    for ((r, c), v) in w.indexed_iter() {
+        codes[c * n + r] = (v / scales[r]).round().clamp(-63.0, 63.0) as i8;
+    }
+    RowQuantized { codes, scales }
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::contract::{Contract, IoDim, Role};
+use crate::emit::Activations;
 use crate::error::{Error, Result};
 use crate::model::FamParams;
 use crate::onnx::Target;
@@ -70,8 +71,11 @@ pub struct Manifest {
     pub famc_version: String,
     pub fam: FamParams,
     pub model: ModelDims,
-    /// Element type of the weights: `f32`, `f16` or `bf16`.
+    /// Element type of the weights: `f32`, `f16`, `bf16`, `q8` or `q4`.
     pub dtype: String,
+    /// What the projection and MLP products compute from (absent: f32).
+    #[serde(default, skip_serializing_if = "Activations::is_f32")]
+    pub activations: Activations,
     pub opset: i64,
     pub ir_version: i64,
     /// What the graphs were emitted for (absent from exports that predate targets: opset 17).

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use crate::builder::{save_model, StoreWriter};
 use crate::contract::{Contract, GraphContract, IoDim, IoType, Role};
-pub use crate::emit::WeightDtype;
 use crate::emit::{self, EmitSpec};
+pub use crate::emit::{Activations, WeightDtype};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, FamParams};
 use crate::onnx::{self, Target};
@@ -56,6 +56,8 @@ pub struct ExportOptions {
     pub accuracy_level: i64,
     /// The ONNX dialect the graphs are emitted in.
     pub target: Target,
+    /// q8 only: int8 activations (per-row) and per-channel int8 weights instead of MatMulNBits.
+    pub activations: Activations,
 }
 
 /// [`ExportOptions::accuracy_level`]'s default: ONNX Runtime's int8 kernels.
@@ -68,6 +70,7 @@ impl Default for ExportOptions {
             dtype: WeightDtype::F32,
             accuracy_level: DEFAULT_ACCURACY_LEVEL,
             target: Target::default(),
+            activations: Activations::F32,
         }
     }
 }
@@ -148,13 +151,15 @@ fn graph_kinds(fam: FamParams) -> Vec<(&'static str, EmitFn)> {
 }
 
 /// The manifest of `ck` exported with `fam` and `dtype` (no files recorded yet).
-fn manifest_for(
-    ck: &Checkpoint,
-    fam: FamParams,
-    dtype: WeightDtype,
-    target: Target,
-) -> Result<Manifest> {
+fn manifest_for(ck: &Checkpoint, fam: FamParams, opts: &ExportOptions) -> Result<Manifest> {
+    let (dtype, target) = (opts.dtype, opts.target);
     fam.validate()?;
+    if opts.activations == Activations::Int8 && dtype != WeightDtype::Q8 {
+        return Err(Error::Input(format!(
+            "--activations int8 quantizes the products of q8 weights; --dtype is {} (use --dtype q8)",
+            dtype.name()
+        )));
+    }
     if let Some(rows) = ck.weights.fam_init.as_ref().map(|a| a.nrows()) {
         if rows != fam.fam_len {
             return Err(Error::Input(format!(
@@ -181,6 +186,7 @@ fn manifest_for(
             rms_norm_eps: c.rms_norm_eps,
         },
         dtype: dtype.name().into(),
+        activations: opts.activations,
         opset: target.opset(),
         ir_version: target.ir_version(),
         target,
@@ -197,22 +203,21 @@ fn manifest_for(
     })
 }
 
-fn spec_for(
-    ck: &Checkpoint,
+fn spec_for<'a>(
+    ck: &'a Checkpoint,
     fam: FamParams,
-    dtype: WeightDtype,
-    accuracy_level: i64,
-    target: Target,
+    opts: &ExportOptions,
     store: Option<(crate::builder::SharedStore, usize)>,
-) -> EmitSpec<'_> {
+) -> EmitSpec<'a> {
     EmitSpec {
         config: &ck.config,
         weights: &ck.weights,
         fam,
-        weight_dtype: dtype,
-        accuracy_level,
+        weight_dtype: opts.dtype,
+        accuracy_level: opts.accuracy_level,
+        activations: opts.activations,
         store,
-        target,
+        target: opts.target,
     }
 }
 
@@ -224,8 +229,13 @@ pub fn compile(
     dtype: WeightDtype,
     target: Target,
 ) -> Result<Compiled> {
-    let manifest = manifest_for(ck, fam, dtype, target)?;
-    let spec = spec_for(ck, fam, dtype, DEFAULT_ACCURACY_LEVEL, target, None);
+    let opts = ExportOptions {
+        dtype,
+        target,
+        ..ExportOptions::default()
+    };
+    let manifest = manifest_for(ck, fam, &opts)?;
+    let spec = spec_for(ck, fam, &opts, None);
     let mut graphs = BTreeMap::new();
     for (file, emit) in graph_kinds(fam) {
         let mut g = emit(&spec)?;
@@ -399,9 +409,7 @@ fn emit_contents(
     let spec = spec_for(
         ck,
         fam,
-        opts.dtype,
-        opts.accuracy_level,
-        opts.target,
+        opts,
         Some((store.clone(), opts.external_threshold)),
     );
     let mut names = Vec::new();
@@ -532,7 +540,7 @@ pub fn export(
     dir: &Path,
     opts: &ExportOptions,
 ) -> Result<Manifest> {
-    let manifest = manifest_for(ck, fam, opts.dtype, opts.target)?;
+    let manifest = manifest_for(ck, fam, opts)?;
     if !matches!(opts.accuracy_level, 0..=4) {
         return Err(Error::Input(format!(
             "--accuracy-level {}: MatMulNBits takes 0 to 4 (1: f32, 4: int8 compute)",
