@@ -88,23 +88,30 @@ fn quantization_error_is_within_half_a_step_and_q4_1_blocks_are_exact() {
     assert!(worst < 1e-7, "Q4_1 block reproduced within {worst}");
 }
 
-/// The checkpoint's tensors with every matrix replaced by what the export's graph dequantizes
-/// it to, read from `graph`'s `<name>.codes`, `.scales` and `.offsets` initializers.
-fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
-    let m = load_model(graph).unwrap();
-    let inits: BTreeMap<String, famc::onnx::TensorProto> = m
+/// `graph`'s initializers by name.
+fn initializers(graph: &Path) -> BTreeMap<String, famc::onnx::TensorProto> {
+    load_model(graph)
+        .unwrap()
         .graph
         .unwrap()
         .initializer
         .into_iter()
         .map(|t| (t.name.clone(), t))
-        .collect();
-    let f32s = |t: &famc::onnx::TensorProto| -> Vec<f32> {
-        t.raw_data
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
+        .collect()
+}
+
+/// An f32 initializer's values.
+fn f32s(t: &famc::onnx::TensorProto) -> Vec<f32> {
+    t.raw_data
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The checkpoint's tensors with every matrix replaced by what the export's graph dequantizes
+/// it to, read from `graph`'s `<name>.codes`, `.scales` and `.offsets` initializers.
+fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
+    let inits = initializers(graph);
     let mut out = t.0.clone();
     for (name, (shape, v)) in out.iter_mut() {
         if shape.len() != 2 || name == "model.fam_init" {
@@ -136,7 +143,7 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
         } else {
             bits
         };
-        let zp = inits.get(&format!("{packed}.offsets")).map(&f32s);
+        let zp = inits.get(&format!("{packed}.offsets")).map(f32s);
         assert_eq!(zp.is_some(), b == 4, "{packed}");
         let all = dequantize(
             b,
@@ -350,20 +357,7 @@ fn the_cli_refuses_bad_quantization_requests_before_writing() {
 /// its output row, docs/graph-contract.md), and the other matrices and the embedding by their
 /// 8-bit blocks.
 fn row_dequantized_tensors(graph: &Path, t: &Tensors) -> Tensors {
-    let m = load_model(graph).unwrap();
-    let inits: BTreeMap<String, famc::onnx::TensorProto> = m
-        .graph
-        .unwrap()
-        .initializer
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect();
-    let f32s = |t: &famc::onnx::TensorProto| -> Vec<f32> {
-        t.raw_data
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
+    let inits = initializers(graph);
     let mut out = t.0.clone();
     for (name, (shape, v)) in out.iter_mut() {
         if shape.len() != 2 || name == "model.fam_init" {

@@ -53,6 +53,15 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(data("reference.json")).unwrap()).unwrap()
 }
 
+/// The reference text's token ids (tests/data/smollm2/ids.txt).
+fn ids() -> Vec<u32> {
+    std::fs::read_to_string(data("ids.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect()
+}
+
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
@@ -87,11 +96,7 @@ fn smollm2_matches_transformers_on_tract_and_onnx_runtime() {
         return;
     };
     let r = reference();
-    let ids: Vec<u32> = std::fs::read_to_string(data("ids.txt"))
-        .unwrap()
-        .split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect();
+    let ids = ids();
     let want_ids: Vec<u32> = r["ids"]
         .as_array()
         .unwrap()
@@ -191,11 +196,7 @@ fn smollm2_with_int8_activations_stays_within_a_few_percent_of_transformers() {
         return;
     };
     let r = reference();
-    let ids: Vec<u32> = std::fs::read_to_string(data("ids.txt"))
-        .unwrap()
-        .split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect();
+    let ids = ids();
     let n = ids.len();
     let ck = Checkpoint::load(&ckpt).unwrap();
     let fam = FamParams {
