@@ -374,7 +374,7 @@ impl<'m> FamDecoder<'m> {
                 .map(|s| Value::host(zeros(s)))
                 .collect()
         } else {
-            let runner = graphs.decode.lock().unwrap_or_else(|e| e.into_inner());
+            let runner = graphs.decode.checkout()?;
             binding
                 .caches
                 .iter()
@@ -412,7 +412,7 @@ impl<'m> FamDecoder<'m> {
         let Some(runner) = self.graphs.fam_kv.as_ref() else {
             return Ok(());
         };
-        let mut runner = runner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut runner = runner.checkout()?;
         let tau = Value::host(Tensor::I64(ArrayD::from_elem(
             IxDyn(&[1]),
             self.state.block_index() as i64,
@@ -489,8 +489,7 @@ impl<'m> FamDecoder<'m> {
         let mut out: Vec<Option<Value>> = self
             .graphs
             .decode
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .checkout()?
             .run_values(&inputs, outputs)?
             .into_iter()
             .map(Some)

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams, MAX_POSITION};
 use crate::onnx::Target;
-use crate::runtime::{open_graph, BackendKind, GraphRunner, OutputTo, RunOptions, Tensor, Value};
+use crate::runtime::{open_graph, BackendKind, OutputTo, RunOptions, RunnerPool, Tensor, Value};
 
 /// Each state tensor's value at block 0 (without the batch dimension), in the order of the
 /// manifest's `state` list: the init graph's FAM rows, zeros for memory.
@@ -213,10 +213,11 @@ impl BatchState {
 /// the block was full and the state advances.
 type BlockRun = (Vec<Array2<f32>>, Option<Vec<Value>>);
 
-/// The decode and FAM-kv graphs of a model, opened once and shared by all its decoders.
+/// The decode and FAM-kv graphs of a model, opened once and shared by all its decoders, each
+/// decoder running on a runner of its own (see [`RunnerPool`]).
 pub struct DecodeGraphs {
-    pub decode: Mutex<Box<dyn GraphRunner>>,
-    pub fam_kv: Option<Mutex<Box<dyn GraphRunner>>>,
+    pub decode: RunnerPool,
+    pub fam_kv: Option<RunnerPool>,
 }
 
 /// Where a block-graph input comes from.
@@ -293,11 +294,13 @@ impl BlockBinding {
 /// A FAM model loaded on a backend: its block graph and initial state.
 ///
 /// The model is immutable once opened and may be shared across threads (`&FamModel` is `Sync`);
-/// each stream's state is a separate [`StreamState`] value.
+/// each stream's state is a separate [`StreamState`] value, and streams stepping at once run on
+/// runners of their own that share the weights ([`FamModel::block_runners`]).
 pub struct FamModel {
     manifest: Manifest,
     backend: BackendKind,
-    block: Mutex<Box<dyn GraphRunner>>,
+    /// The block graph: streams run it at once, each on a runner of its own.
+    block: RunnerPool,
     binding: BlockBinding,
     initial: Vec<ArrayD<f32>>,
     dir: std::path::PathBuf,
@@ -412,12 +415,12 @@ impl FamModel {
             .with_fixed_dim("batch", 1)
             .with_fixed_dim("T", manifest.fam.block_len);
         let binding = BlockBinding::new(&manifest, &export.dir)?;
-        let block = open_graph(backend, &export.block_path(), &block_opts)?;
+        let block = RunnerPool::open(backend, &export.block_path(), &block_opts)?;
         let initial = initial_state(&export, backend, opts)?;
         Ok(FamModel {
             manifest,
             backend,
-            block: Mutex::new(block),
+            block,
             binding,
             initial,
             dir: export.dir.clone(),
@@ -442,21 +445,19 @@ impl FamModel {
         // a decoder is one stream: tract plans the graphs for batch 1 (1.06x its decode rate on
         // SmolLM2 against the symbolic plan)
         let opts = self.opts.clone().with_fixed_dim("batch", 1);
-        let decode = open_graph(self.backend, &self.dir.join(decode_file), &opts)?;
+        let decode = RunnerPool::open(self.backend, &self.dir.join(decode_file), &opts)?;
         let fam_kv = match &m.graphs.fam_kv {
-            Some(f) => Some(Mutex::new(open_graph(
-                self.backend,
-                &self.dir.join(f),
-                &opts,
-            )?)),
+            Some(f) => Some(RunnerPool::open(self.backend, &self.dir.join(f), &opts)?),
             None => None,
         };
-        let graphs = std::sync::Arc::new(DecodeGraphs {
-            decode: Mutex::new(decode),
-            fam_kv,
-        });
+        let graphs = std::sync::Arc::new(DecodeGraphs { decode, fam_kv });
         *slot = Some(graphs.clone());
         Ok(graphs)
+    }
+
+    /// The block graph's runners: streams that step at once each take one.
+    pub fn block_runners(&self) -> &RunnerPool {
+        &self.block
     }
 
     /// The export's manifest.
@@ -687,11 +688,7 @@ impl FamModel {
             .into_iter()
             .map(|p| p.unwrap_or(OutputTo::Backend))
             .collect();
-        let outputs = {
-            // a poisoned lock only means another stream's call panicked; the runner itself is intact
-            let mut runner = self.block.lock().unwrap_or_else(|e| e.into_inner());
-            runner.run_values(&inputs, places)?
-        };
+        let outputs = self.block.checkout()?.run_values(&inputs, places)?;
         if outputs.len() != bind.outputs {
             return Err(self.backend_error(&format!(
                 "the block graph returned {} outputs, famc.json's contract lists {}",

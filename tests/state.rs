@@ -254,3 +254,73 @@ fn cli_bench_compares_backend_and_host_state_side_by_side() {
         }
     }
 }
+
+/// Runs `f` on another thread while the caller holds `held`, and returns its result: a call that
+/// queued behind one lock around the graph would never come back (the test then fails after a
+/// minute instead of hanging, because `held` goes with the panic).
+fn beside<T: Send>(held: famc::runtime::Checkout<'_>, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.spawn(move || tx.send(f()).ok());
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        drop(held);
+        got.expect("the second caller waited for the first one's runner")
+    })
+}
+
+#[test]
+fn streams_of_one_model_run_at_once_each_on_its_own_runner() {
+    let (_t, ck) = checkpoint();
+    let r = Reference::new(&ck, params()).unwrap();
+    let opts = RunOptions {
+        concurrency: Some(3),
+        ..RunOptions::default()
+    };
+    for backend in backends() {
+        let m = FamModel::compile(&ck, params(), backend, &opts).unwrap();
+        let pool = m.block_runners();
+        assert_eq!((pool.opened(), pool.limit()), (1, 3));
+
+        // a stream steps while another caller holds the block graph's first runner
+        let ids = Rng::new(9).tokens(4 * 5 + 1, 40);
+        let got = beside(pool.checkout().unwrap(), || m.run(&ids).unwrap());
+        let d = diff_to(got.as_slice().unwrap(), r.forward(&ids).unwrap().iter());
+        assert!(d < 1e-4, "{backend}: beside a held runner, {d}");
+        assert_eq!(
+            pool.opened(),
+            2,
+            "{backend}: a second runner for the second caller"
+        );
+
+        // six streams on three threads: each its own logits, at most three runners
+        let streams: Vec<Vec<u32>> = (0..6)
+            .map(|i| Rng::new(30 + i).tokens(4 * 4 + 2, 40))
+            .collect();
+        std::thread::scope(|s| {
+            for chunk in streams.chunks(2) {
+                let m = &m;
+                let r = &r;
+                s.spawn(move || {
+                    for ids in chunk {
+                        let got = m.run(ids).unwrap();
+                        let d = diff_to(got.as_slice().unwrap(), r.forward(ids).unwrap().iter());
+                        assert!(d < 1e-4, "{backend}: a stream among others, {d}");
+                    }
+                });
+            }
+        });
+        assert!(pool.opened() <= 3, "{backend}: {} runners", pool.opened());
+
+        // a decoder steps while another decoder's runner is held
+        let graphs = m.decode_graphs().unwrap();
+        let prompt = Rng::new(11).tokens(6, 40);
+        let want = r.forward(&prompt).unwrap();
+        let held = graphs.decode.checkout().unwrap();
+        let last = beside(held, || {
+            let mut d = FamDecoder::new(&m).unwrap();
+            d.feed(&prompt).unwrap()
+        });
+        let d = diff_to(&last, want.row(prompt.len() - 1).iter());
+        assert!(d < 1e-4, "{backend}: a decoder beside a held one, {d}");
+    }
+}

@@ -376,3 +376,64 @@ fn tract_profile_by_family() {
         }
     }
 }
+
+/// Two streams of SmolLM2 (`FAMC_SMOLLM2`) scored one after the other on one model, then at once
+/// on two threads (each runner single-threaded), on each backend: what runners of their own
+/// (`RunnerPool`) give over one lock around the block graph.
+///
+/// ```text
+/// FAMC_SMOLLM2=... cargo test --release --test tract_bench -- --ignored concurrent --nocapture
+/// ```
+#[test]
+#[ignore = "a timing, not a check: cargo test --release --test tract_bench -- --ignored concurrent --nocapture"]
+fn concurrent_streams_timing() {
+    use famc::session::FamModel;
+    let Some(ckpt) = std::env::var_os("FAMC_SMOLLM2") else {
+        eprintln!(
+            "note: FAMC_SMOLLM2 unset: run scripts/fetch-smollm2.sh and point it at its output"
+        );
+        return;
+    };
+    let ck = Checkpoint::load(std::path::Path::new(&ckpt)).unwrap();
+    let fam = FamParams {
+        block_len: 512,
+        fam_len: 64,
+        mem_blocks: 2,
+    };
+    let tokens = 1024;
+    let streams: Vec<Vec<u32>> = (0..2)
+        .map(|i| Rng::new(40 + i).tokens(tokens, ck.config.vocab_size as u32))
+        .collect();
+    for backend in backends() {
+        let opts = RunOptions {
+            intra_threads: Some(1),
+            concurrency: Some(2),
+            ..RunOptions::default()
+        };
+        let m = FamModel::compile(&ck, fam, backend, &opts).unwrap();
+        m.run(&streams[0]).unwrap();
+        for round in 0..3 {
+            let t = Instant::now();
+            for ids in &streams {
+                m.run(ids).unwrap();
+            }
+            let one_by_one = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for ids in &streams {
+                    let m = &m;
+                    s.spawn(move || m.run(ids).unwrap());
+                }
+            });
+            let at_once = t.elapsed().as_secs_f64();
+            let n = (2 * tokens) as f64;
+            println!(
+                "{backend} round {round}: one after the other {:.0} tok/s, at once {:.0} tok/s ({:.2}x); runners {}",
+                n / one_by_one,
+                n / at_once,
+                one_by_one / at_once,
+                m.block_runners().opened()
+            );
+        }
+    }
+}

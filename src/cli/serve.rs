@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Microseconds the first waiting block waits for others to join its batch.
     #[arg(long, default_value_t = 500)]
     pub batch_delay_us: u64,
+    /// Threads that gather and run batches at once, each on a block-graph runner of its own
+    /// sharing the weights (default: one per core; one on a GPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub batch_workers: Option<u64>,
     /// Tokens per request at most.
     #[arg(long, default_value_t = 8192)]
     pub max_tokens: usize,
@@ -87,6 +91,7 @@ pub fn run(
         idle_timeout: Duration::from_secs_f64(args.idle_timeout),
         max_batch,
         batch_delay: Duration::from_micros(args.batch_delay_us),
+        batch_workers: args.batch_workers.map(|n| n as usize),
         max_tokens: args.max_tokens,
         max_body_bytes: args.max_body_bytes,
     };

@@ -21,9 +21,11 @@ use crate::{Error, Result};
 pub mod ep;
 pub mod ort;
 mod ort_weights;
+pub mod pool;
 pub mod tract;
 
 pub use ep::{EpConfig, EpKind};
+pub use pool::{Checkout, Forker, RunnerPool};
 
 /// A host tensor given to a graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -343,6 +345,13 @@ pub trait GraphRunner: Send {
     /// of the other backend go through the host).
     fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>>;
 
+    /// Opens further runners of this graph that share what it loaded, for callers running at
+    /// once ([`RunnerPool`]); `None` where this backend has no cheaper way than opening the
+    /// file again.
+    fn forker(&self) -> Option<Forker> {
+        None
+    }
+
     /// `t` as a value this backend takes without a copy on every run and that
     /// [`Value::write_at`] changes in place (e.g. a decode cache); a host array where the backend
     /// cannot hold it in host memory (a GPU session).
@@ -481,6 +490,10 @@ pub struct RunOptions {
     /// instead of keeping it in the backend's values (a diagnostic, for measuring what keeping
     /// it there saves; `famc bench --host-state`).
     pub host_state: bool,
+    /// How many callers may run one graph at once, each on a runner of its own that shares the
+    /// weights (unset: one per core this process may use; GPU sessions: always one). See
+    /// [`RunnerPool`].
+    pub concurrency: Option<usize>,
 }
 
 impl RunOptions {

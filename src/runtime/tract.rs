@@ -32,8 +32,8 @@ use tract_onnx::prelude::{
 };
 
 use super::{
-    backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, GraphRunner, IoSpec,
-    OutputTo, RunOptions, Tensor, Value,
+    backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, Forker, GraphRunner,
+    IoSpec, OutputTo, RunOptions, Tensor, Value,
 };
 use crate::{Error, Result};
 
@@ -61,7 +61,8 @@ pub struct TractRunner {
     path: PathBuf,
     /// The symbolic plan; with a fixed plan, built (from the file again) on the first run that
     /// needs it, so that a model run only on fixed shapes holds its weights once, not twice.
-    plan: Option<Arc<TypedSimplePlan>>,
+    /// Shared with this runner's forks, like the fixed plan.
+    plan: Arc<Mutex<Option<Arc<TypedSimplePlan>>>>,
     /// Reused from run to run; dropped after a failed run (it may hold half-bound symbols).
     state: Option<TypedSimpleState>,
     fixed: Option<FixedPlan>,
@@ -244,7 +245,7 @@ impl TractRunner {
         };
         Ok(TractRunner {
             path: path.to_path_buf(),
-            plan,
+            plan: Arc::new(Mutex::new(plan)),
             state: None,
             fixed,
             threads,
@@ -254,6 +255,38 @@ impl TractRunner {
             input_specs,
             profile: None,
         })
+    }
+
+    /// The symbolic plan, built on first use and then shared by this runner and its forks.
+    fn symbolic_plan(&self) -> Result<Arc<TypedSimplePlan>> {
+        let mut slot = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(plan) = slot.as_ref() {
+            return Ok(plan.clone());
+        }
+        let model = load_decluttered(&self.path)?;
+        let plan = symbolic_plan(&self.path, model, self.threads)?;
+        *slot = Some(plan.clone());
+        Ok(plan)
+    }
+
+    /// Another runner over the same plans, with run states of its own.
+    fn fork(&self) -> TractRunner {
+        TractRunner {
+            path: self.path.clone(),
+            plan: self.plan.clone(),
+            state: None,
+            fixed: self.fixed.as_ref().map(|f| FixedPlan {
+                plan: f.plan.clone(),
+                state: None,
+                dims: f.dims.clone(),
+            }),
+            threads: self.threads,
+            last_plan: None,
+            input_names: self.input_names.clone(),
+            output_names: self.output_names.clone(),
+            input_specs: self.input_specs.clone(),
+            profile: None,
+        }
     }
 
     /// Times every node of the runs from now on (`true`), or stops (`false`, dropping the times).
@@ -293,14 +326,14 @@ impl TractRunner {
         inputs: TVec<TValue>,
         places: Vec<OutputTo>,
     ) -> Result<Vec<Value>> {
-        if kind == PlanKind::Symbolic && self.plan.is_none() {
-            let model = load_decluttered(&self.path)?;
-            self.plan = Some(symbolic_plan(&self.path, model, self.threads)?);
-        }
-        let (plan, state) = match (kind, &mut self.fixed, &self.plan) {
-            (PlanKind::Fixed, Some(f), _) => (&f.plan, &mut f.state),
-            (_, _, Some(plan)) => (plan, &mut self.state),
-            _ => unreachable!("the symbolic plan was built above"),
+        let symbolic = match (kind, &self.fixed) {
+            (PlanKind::Fixed, Some(_)) => None,
+            _ => Some(self.symbolic_plan()?),
+        };
+        let (plan, state) = match (symbolic, &mut self.fixed) {
+            (Some(plan), _) => (plan, &mut self.state),
+            (None, Some(f)) => (f.plan.clone(), &mut f.state),
+            (None, None) => unreachable!("a fixed kind needs a fixed plan"),
         };
         let state = match state {
             Some(s) => s,
@@ -375,6 +408,14 @@ impl GraphRunner for TractRunner {
             Tensor::I64(a) => a.into_tvalue(),
         };
         Ok(Value::tract(TractValue(v), shape, elem))
+    }
+
+    fn forker(&self) -> Option<Forker> {
+        let template = Mutex::new(self.fork());
+        Some(Arc::new(move || {
+            let fork = template.lock().unwrap_or_else(|e| e.into_inner()).fork();
+            Ok(Box::new(fork) as Box<dyn GraphRunner>)
+        }))
     }
 
     fn run_values(&mut self, inputs: &[&Value], outputs: Vec<OutputTo>) -> Result<Vec<Value>> {

@@ -1,9 +1,11 @@
-//! The one thread that runs blocks: it gathers the blocks that concurrent sequences are waiting
-//! on and runs those of equal length as one batch (one block-graph call for all of them).
+//! The threads that run blocks: each gathers the blocks that concurrent sequences are waiting on
+//! and runs those of equal length as one batch (one block-graph call for all of them). While one
+//! thread runs its batch the next gathers and runs another, on a block-graph runner of its own
+//! (`RunnerPool`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ndarray::Array2;
@@ -30,27 +32,34 @@ pub struct BatchStats {
     pub largest: AtomicU64,
 }
 
-/// A handle to the batching thread; the thread ends when every handle is dropped.
+/// A handle to the batching threads; they end when every handle is dropped.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
 }
 
 impl Batcher {
-    /// Starts the thread: each call runs at most `max_batch` blocks, gathered for up to `delay`
-    /// after the first arrives.
+    /// Starts `workers` threads: each call runs at most `max_batch` blocks, gathered for up to
+    /// `delay` after the first arrives.
     pub fn spawn(
         model: Arc<FamModel>,
         max_batch: usize,
         delay: Duration,
         stats: Arc<BatchStats>,
-    ) -> Result<(Self, std::thread::JoinHandle<()>)> {
+        workers: usize,
+    ) -> Result<(Self, Vec<std::thread::JoinHandle<()>>)> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let handle = std::thread::Builder::new()
-            .name("famc-batcher".into())
-            .spawn(move || run(&model, &rx, max_batch.max(1), delay, &stats))
-            .map_err(|e| Error::Input(format!("cannot start the batching thread: {e}")))?;
-        Ok((Batcher { tx }, handle))
+        let rx = Arc::new(Mutex::new(rx));
+        let handles = (0..workers.max(1))
+            .map(|i| {
+                let (model, rx, stats) = (model.clone(), rx.clone(), stats.clone());
+                std::thread::Builder::new()
+                    .name(format!("famc-batcher-{i}"))
+                    .spawn(move || run(&model, &rx, max_batch.max(1), delay, &stats))
+                    .map_err(|e| Error::Input(format!("cannot start a batching thread: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Batcher { tx }, handles))
     }
 
     /// Runs `block` on `state`; gives the state back (advanced when the block was full) with the
@@ -75,31 +84,12 @@ impl Batcher {
 
 fn run(
     model: &FamModel,
-    rx: &mpsc::Receiver<Job>,
+    rx: &Mutex<mpsc::Receiver<Job>>,
     max_batch: usize,
     delay: Duration,
     stats: &BatchStats,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        let deadline = Instant::now() + delay;
-        // blocks already waiting join at once; then wait up to `delay` for a full batch
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    match rx.recv_timeout(deadline - now) {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
-                }
-            }
-        }
+    while let Some(mut jobs) = gather(rx, max_batch, delay) {
         // blocks of one length run together, in arrival order
         while !jobs.is_empty() {
             let len = jobs[0].block.len();
@@ -109,6 +99,33 @@ fn run(
             run_group(model, group, stats);
         }
     }
+}
+
+/// The next batch's jobs, gathered by one thread at a time (the others run theirs meanwhile);
+/// `None` once every handle is gone.
+fn gather(rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, delay: Duration) -> Option<Vec<Job>> {
+    // a poisoned lock only means another batching thread panicked while gathering
+    let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+    let mut jobs = vec![rx.recv().ok()?];
+    let deadline = Instant::now() + delay;
+    // blocks already waiting join at once; then wait up to `delay` for a full batch
+    while jobs.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(deadline - now) {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    Some(jobs)
 }
 
 fn run_group(model: &FamModel, group: Vec<Job>, stats: &BatchStats) {

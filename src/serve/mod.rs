@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// How long the first waiting block waits for others to join its batch.
     pub batch_delay: Duration,
+    /// Threads that gather and run batches, each on a block-graph runner of its own (`None`:
+    /// as many as the model's block graph may run at once, [`crate::runtime::RunnerPool::limit`]).
+    pub batch_workers: Option<usize>,
     /// Tokens per request at most (infer, score, and new tokens of generate).
     pub max_tokens: usize,
     /// Request bodies over this many bytes are refused (413).
@@ -61,6 +64,7 @@ impl Default for ServeOptions {
             idle_timeout: Duration::from_secs(600),
             max_batch: 8,
             batch_delay: Duration::from_micros(500),
+            batch_workers: None,
             max_tokens: 8192,
             max_body_bytes: 16 << 20,
         }
@@ -89,6 +93,7 @@ struct App {
     opts: ServeOptions,
     sequences: Mutex<HashMap<SequenceId, SequenceSlot>>,
     batcher: Batcher,
+    batch_workers: usize,
     stats: Arc<BatchStats>,
     requests: AtomicU64,
     evicted: AtomicU64,
@@ -295,6 +300,7 @@ async fn model_metadata(
             "mem_blocks": m.fam.mem_blocks,
             "max_sequences": app.opts.max_sequences,
             "max_batch_size": app.opts.max_batch,
+            "batch_workers": app.batch_workers,
             "max_tokens": app.opts.max_tokens,
             "idle_timeout_s": app.opts.idle_timeout.as_secs_f64(),
             "tokenizer": app.tokenizer.is_some(),
@@ -584,11 +590,15 @@ pub fn serve(
     }
     let model = Arc::new(model);
     let stats = Arc::new(BatchStats::default());
-    let (batcher, batch_thread) = Batcher::spawn(
+    let workers = opts
+        .batch_workers
+        .unwrap_or_else(|| model.block_runners().limit());
+    let (batcher, batch_threads) = Batcher::spawn(
         model.clone(),
         opts.max_batch,
         opts.batch_delay,
         stats.clone(),
+        workers,
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -610,6 +620,7 @@ pub fn serve(
             opts,
             sequences: Mutex::new(HashMap::new()),
             batcher,
+            batch_workers: workers,
             stats,
             requests: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
@@ -623,7 +634,9 @@ pub fn serve(
         served.map_err(|e| Error::Input(format!("the server failed: {e}")))
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
-    // every Batcher handle is gone with the app: the thread ends after its last batch
-    let _ = batch_thread.join();
+    // every Batcher handle is gone with the app: the threads end after their last batches
+    for t in batch_threads {
+        let _ = t.join();
+    }
     result
 }
