@@ -322,5 +322,15 @@ fn streams_of_one_model_run_at_once_each_on_its_own_runner() {
         });
         let d = diff_to(&last, want.row(prompt.len() - 1).iter());
         assert!(d < 1e-4, "{backend}: a decoder beside a held one, {d}");
+
+        // unset, tract lends a runner per core; ONNX Runtime as many sessions of its default
+        // threads (every core) as the cores hold: one
+        let m = FamModel::compile(&ck, params(), backend, &RunOptions::default()).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let want = match backend {
+            BackendKind::Tract => cores,
+            BackendKind::Ort => 1,
+        };
+        assert_eq!(m.block_runners().limit(), want, "{backend}");
     }
 }

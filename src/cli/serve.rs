@@ -40,7 +40,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 500)]
     pub batch_delay_us: u64,
     /// Threads that gather and run batches at once, each on a block-graph runner of its own
-    /// sharing the weights (default: one per core; one on a GPU).
+    /// sharing the weights (default: tract one per core; ONNX Runtime one per `--threads` share
+    /// of the cores, so one unless --threads is lower; one on a GPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub batch_workers: Option<u64>,
     /// Tokens per request at most.

@@ -491,8 +491,8 @@ pub struct RunOptions {
     /// it there saves; `famc bench --host-state`).
     pub host_state: bool,
     /// How many callers may run one graph at once, each on a runner of its own that shares the
-    /// weights (unset: one per core this process may use; GPU sessions: always one). See
-    /// [`RunnerPool`].
+    /// weights (unset: tract one per core; ONNX Runtime as many sessions of `intra_threads` as
+    /// the cores hold, so one by default; GPU sessions always one). See [`RunnerPool`].
     pub concurrency: Option<usize>,
 }
 

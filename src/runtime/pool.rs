@@ -48,7 +48,10 @@ impl RunnerPool {
             _ => None,
         };
         let limit = match &fork {
-            Some(_) => opts.concurrency.unwrap_or_else(default_concurrency).max(1),
+            Some(_) => opts
+                .concurrency
+                .unwrap_or_else(|| default_concurrency(kind, opts))
+                .max(1),
             None => 1,
         };
         Ok(Self::with_runner(first, fork, limit))
@@ -161,7 +164,14 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// One runner per core this process may use.
-fn default_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// tract: one runner per core this process may use (its runs share one thread pool per thread
+/// count, so they take turns on the cores rather than crowd them). ONNX Runtime: as many as
+/// the cores hold sessions of `opts.intra_threads` each (default: every core, so one); its
+/// spinning pools, oversubscribed, ran `famc serve` 0.8x slower with two sessions on two cores.
+fn default_concurrency(kind: BackendKind, opts: &RunOptions) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match kind {
+        BackendKind::Tract => cores,
+        BackendKind::Ort => (cores / opts.intra_threads.unwrap_or(cores).max(1)).max(1),
+    }
 }
