@@ -19,7 +19,6 @@ pub type Forker = Arc<dyn Fn() -> Result<Box<dyn GraphRunner>> + Send + Sync>;
 struct Slots {
     idle: Vec<Box<dyn GraphRunner>>,
     opened: usize,
-    busiest: usize,
 }
 
 /// The runners of one graph: [`RunnerPool::checkout`] lends an idle one, opens another while
@@ -29,13 +28,11 @@ pub struct RunnerPool {
     back: Condvar,
     fork: Option<Forker>,
     limit: usize,
-    input_names: Vec<String>,
-    output_names: Vec<String>,
 }
 
 impl RunnerPool {
     /// Opens the graph at `path` for `kind`, letting up to `opts`' [`RunOptions::concurrency`]
-    /// callers (default: one per core this process may use) run it at once.
+    /// callers run it at once (its default: [`default_concurrency`]).
     pub fn open(kind: BackendKind, path: &Path, opts: &RunOptions) -> Result<Self> {
         let first = open_graph(kind, path, opts)?;
         let fork = match (first.forker(), kind, opts.ep.kind) {
@@ -60,12 +57,9 @@ impl RunnerPool {
     /// A pool of `first` and the runners `fork` opens, at most `limit` in all.
     pub fn with_runner(first: Box<dyn GraphRunner>, fork: Option<Forker>, limit: usize) -> Self {
         RunnerPool {
-            input_names: first.input_names().to_vec(),
-            output_names: first.output_names().to_vec(),
             slots: Mutex::new(Slots {
                 idle: vec![first],
                 opened: 1,
-                busiest: 0,
             }),
             back: Condvar::new(),
             fork,
@@ -79,14 +73,14 @@ impl RunnerPool {
         let mut slots = self.lock();
         loop {
             if let Some(runner) = slots.idle.pop() {
-                return Ok(self.lend(slots, runner));
+                return Ok(self.lend(runner));
             }
             if let (Some(fork), true) = (&self.fork, slots.opened < self.limit) {
                 slots.opened += 1;
                 drop(slots);
                 // opening can take a while (an ONNX Runtime session): not under the lock
                 let runner = fork().inspect_err(|_| self.lock().opened -= 1)?;
-                return Ok(self.lend(self.lock(), runner));
+                return Ok(self.lend(runner));
             }
             slots = self.back.wait(slots).unwrap_or_else(|e| e.into_inner());
         }
@@ -97,33 +91,12 @@ impl RunnerPool {
         self.lock().opened
     }
 
-    /// The most runners lent at once so far.
-    pub fn busiest(&self) -> usize {
-        self.lock().busiest
-    }
-
     /// The most runners this pool opens.
     pub fn limit(&self) -> usize {
         self.limit
     }
 
-    /// The graph's input names, in run order.
-    pub fn input_names(&self) -> &[String] {
-        &self.input_names
-    }
-
-    /// The graph's output names, in run order.
-    pub fn output_names(&self) -> &[String] {
-        &self.output_names
-    }
-
-    fn lend<'a>(
-        &'a self,
-        mut slots: MutexGuard<'_, Slots>,
-        runner: Box<dyn GraphRunner>,
-    ) -> Checkout<'a> {
-        let lent = slots.opened - slots.idle.len();
-        slots.busiest = slots.busiest.max(lent);
+    fn lend(&self, runner: Box<dyn GraphRunner>) -> Checkout<'_> {
         Checkout {
             pool: self,
             runner: Some(runner),
@@ -164,11 +137,11 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// tract: one runner per core this process may use (its runs share one thread pool per thread
+/// The default of [`RunOptions::concurrency`]. tract: one runner per core this process may use (its runs share one thread pool per thread
 /// count, so they take turns on the cores rather than crowd them). ONNX Runtime: as many as
 /// the cores hold sessions of `opts.intra_threads` each (default: every core, so one); its
 /// spinning pools, oversubscribed, ran `famc serve` 0.8x slower with two sessions on two cores.
-fn default_concurrency(kind: BackendKind, opts: &RunOptions) -> usize {
+pub fn default_concurrency(kind: BackendKind, opts: &RunOptions) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match kind {
         BackendKind::Tract => cores,
