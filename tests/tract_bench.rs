@@ -262,22 +262,31 @@ fn family(node: &str, op: &str) -> &'static str {
 /// ```sh
 /// FAMC_SMOLLM2=~/.cache/famc/smollm2/hf cargo test --release --test tract_bench -- --ignored tract_profile --nocapture
 /// ```
-#[test]
-#[ignore = "a profile, not a check: cargo test --release --test tract_bench -- --ignored tract_profile --nocapture"]
-fn tract_profile_by_family() {
-    use famc::contract::{IoDim, IoType, Role};
-    use std::collections::BTreeMap;
+/// SmolLM2 from `FAMC_SMOLLM2` (scripts/fetch-smollm2.sh) at the speed issue's FAM
+/// configuration, L = 512, F = 64, M = 2; `None`, with a note, when it is unset.
+fn smollm2() -> Option<(Checkpoint, FamParams)> {
     let Some(ckpt) = std::env::var_os("FAMC_SMOLLM2") else {
         eprintln!(
             "note: FAMC_SMOLLM2 unset: run scripts/fetch-smollm2.sh and point it at its output"
         );
-        return;
+        return None;
     };
     let ck = Checkpoint::load(std::path::Path::new(&ckpt)).unwrap();
     let fam = FamParams {
         block_len: 512,
         fam_len: 64,
         mem_blocks: 2,
+    };
+    Some((ck, fam))
+}
+
+#[test]
+#[ignore = "a profile, not a check: cargo test --release --test tract_bench -- --ignored tract_profile --nocapture"]
+fn tract_profile_by_family() {
+    use famc::contract::{IoDim, IoType, Role};
+    use std::collections::BTreeMap;
+    let Some((ck, fam)) = smollm2() else {
+        return;
     };
     let l = fam.block_len;
     let tmp = tempfile::tempdir().unwrap();
@@ -388,17 +397,8 @@ fn tract_profile_by_family() {
 #[ignore = "a timing, not a check: cargo test --release --test tract_bench -- --ignored concurrent --nocapture"]
 fn concurrent_streams_timing() {
     use famc::session::FamModel;
-    let Some(ckpt) = std::env::var_os("FAMC_SMOLLM2") else {
-        eprintln!(
-            "note: FAMC_SMOLLM2 unset: run scripts/fetch-smollm2.sh and point it at its output"
-        );
+    let Some((ck, fam)) = smollm2() else {
         return;
-    };
-    let ck = Checkpoint::load(std::path::Path::new(&ckpt)).unwrap();
-    let fam = FamParams {
-        block_len: 512,
-        fam_len: 64,
-        mem_blocks: 2,
     };
     let tokens = 1024;
     let streams: Vec<Vec<u32>> = (0..2)
