@@ -78,7 +78,7 @@ impl Batcher {
             })
             .map_err(|_| Error::Input("the server is shutting down".into()))?;
         rx.await
-            .map_err(|_| Error::Input("the batching thread stopped".into()))
+            .map_err(|_| Error::Input("the batching threads stopped".into()))
     }
 }
 
