@@ -25,7 +25,7 @@ def graphs_of(path):
     if os.path.isdir(path):
         with open(os.path.join(path, "famc.json")) as f:
             manifest = json.load(f)
-        keys = [k for k in ("block", "init", "decode", "fam_kv") if manifest["graphs"].get(k)]
+        keys = [k for k in ("block", "init", "decode", "fam_kv", "score") if manifest["graphs"].get(k)]
         missing = [k for k in keys if k not in manifest["contract"]]
         assert not missing, f"famc.json has no contract for {missing}"
         return [(os.path.join(path, manifest["graphs"][k]), manifest["contract"][k]) for k in keys]

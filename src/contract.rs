@@ -17,6 +17,11 @@ pub enum Role {
     Position,
     /// Logits [batch, T, V].
     Logits,
+    /// Each row's target token, the one it is scored on [batch, T] (score graph).
+    Targets,
+    /// Each row's log-probability of its target, log softmax(logits)[target] [batch, T] (score
+    /// graph).
+    TargetLogprob,
     /// A layer's FAM state [batch, F, d]: a state input of the block graph, an input of fam_kv.
     Fam,
     /// A layer's memory keys [batch, Hkv, M·L, Dh].
@@ -53,6 +58,8 @@ impl Role {
             Role::BlockIndex => "block_index",
             Role::Position => "position",
             Role::Logits => "logits",
+            Role::Targets => "targets",
+            Role::TargetLogprob => "target_logprob",
             Role::Fam => "fam",
             Role::MemK => "mem_k",
             Role::MemV => "mem_v",
@@ -170,4 +177,8 @@ pub struct Contract {
     pub decode: GraphContract,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fam_kv: Option<GraphContract>,
+    /// The block graph scoring its rows against given targets instead of returning logits
+    /// (absent from exports that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<GraphContract>,
 }

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use ndarray::{concatenate, Array2, ArrayD, Axis, IxDyn};
+use ndarray::{concatenate, Array1, Array2, ArrayD, Axis, IxDyn};
 
-use crate::contract::Role;
+use crate::contract::{GraphContract, Role};
 use crate::error::{Error, Result};
 use crate::export::{self, ExportDir, Manifest};
 use crate::model::{Checkpoint, FamParams, MAX_POSITION};
@@ -225,6 +225,8 @@ pub struct DecodeGraphs {
 enum Feed {
     Ids,
     BlockIndex,
+    /// Each row's target token (score graph).
+    Targets,
     /// The stream state's tensor at this index of famc.json's `state` list.
     State(usize),
 }
@@ -237,25 +239,27 @@ struct BlockBinding {
     inputs: Vec<Feed>,
     /// How many outputs the graph has.
     outputs: usize,
-    /// The logits' output index.
-    logits: usize,
+    /// The index of the output each row gives: the logits, or the target's log-probability.
+    head: usize,
     /// Per state tensor (famc.json's order): the output index of its next value.
     next: Vec<usize>,
 }
 
 impl BlockBinding {
-    fn new(m: &Manifest, dir: &Path) -> Result<Self> {
+    /// The binding of contract `c`, the block graph (`head` [`Role::Logits`]) or the score
+    /// graph ([`Role::TargetLogprob`]).
+    fn new(m: &Manifest, c: &GraphContract, head: Role, dir: &Path) -> Result<Self> {
         let err = |message: String| Error::Export {
             dir: dir.to_path_buf(),
             message,
         };
-        let c = &m.contract.block;
         let inputs = c
             .inputs
             .iter()
             .map(|io| match io.role {
                 Role::InputIds => Ok(Feed::Ids),
                 Role::BlockIndex => Ok(Feed::BlockIndex),
+                Role::Targets if head == Role::TargetLogprob => Ok(Feed::Targets),
                 role => m.state_index(role, io.layer).map(Feed::State).ok_or_else(|| {
                     err(format!(
                         "block graph input `{}` has role {role}, which is no state tensor famc.json lists",
@@ -264,9 +268,11 @@ impl BlockBinding {
                 }),
             })
             .collect::<Result<Vec<_>>>()?;
-        let logits = c
-            .output_index(Role::Logits, None)
-            .ok_or_else(|| err("famc.json's contract gives the block graph no logits".into()))?;
+        let head_at = c.output_index(head, None).ok_or_else(|| {
+            err(format!(
+                "famc.json's contract gives the graph no {head} output"
+            ))
+        })?;
         let next = m
             .state
             .iter()
@@ -285,7 +291,7 @@ impl BlockBinding {
         Ok(BlockBinding {
             inputs,
             outputs: c.outputs.len(),
-            logits,
+            head: head_at,
             next,
         })
     }
@@ -307,6 +313,8 @@ pub struct FamModel {
     opts: RunOptions,
     /// The decode graphs, opened by the first [`crate::generate::FamDecoder`].
     decode: Mutex<Option<std::sync::Arc<DecodeGraphs>>>,
+    /// The score graph, opened by the first scored step.
+    score: Mutex<Option<std::sync::Arc<(RunnerPool, BlockBinding)>>>,
     /// The temporary export of a compiled checkpoint, removed with the model (or on a signal).
     _tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
 }
@@ -414,7 +422,12 @@ impl FamModel {
             .clone()
             .with_fixed_dim("batch", 1)
             .with_fixed_dim("T", manifest.fam.block_len);
-        let binding = BlockBinding::new(&manifest, &export.dir)?;
+        let binding = BlockBinding::new(
+            &manifest,
+            &manifest.contract.block,
+            Role::Logits,
+            &export.dir,
+        )?;
         let block = RunnerPool::open(backend, &export.block_path(), &block_opts)?;
         let initial = initial_state(&export, backend, opts)?;
         Ok(FamModel {
@@ -426,6 +439,7 @@ impl FamModel {
             dir: export.dir.clone(),
             opts: opts.clone(),
             decode: Mutex::new(None),
+            score: Mutex::new(None),
             _tempdir: tempdir,
         })
     }
@@ -524,6 +538,7 @@ impl FamModel {
                 &mut state.current,
                 &mut state.spare,
                 blocks,
+                None,
             );
         }
         let mut batch = BatchState::from_streams(states)?;
@@ -555,6 +570,7 @@ impl FamModel {
             &mut batch.current,
             &mut batch.spare,
             blocks,
+            None,
         )
     }
 
@@ -566,8 +582,10 @@ impl FamModel {
         current: &mut Vec<Value>,
         spare: &mut Vec<Value>,
         blocks: &[&[u32]],
+        targets: Option<&[&[u32]]>,
     ) -> Result<Vec<Array2<f32>>> {
-        let (logits, next) = self.run_block(block_indices, current, Some(spare), blocks)?;
+        let (logits, next) =
+            self.run_block(block_indices, current, Some(spare), blocks, targets)?;
         if let Some(next) = next {
             *spare = std::mem::replace(current, next);
             for tau in block_indices {
@@ -580,8 +598,121 @@ impl FamModel {
     /// The logits [T, V] of one stream's next (possibly full) block, without advancing it.
     pub fn preview(&self, state: &StreamState, block: &[u32]) -> Result<Array2<f32>> {
         let (mut logits, _) =
-            self.run_block(&[state.block_index], &state.current, None, &[block])?;
+            self.run_block(&[state.block_index], &state.current, None, &[block], None)?;
         Ok(logits.remove(0))
+    }
+
+    /// Whether [`FamModel::step_scored`] can run: the export has a score graph and the backend
+    /// is ONNX Runtime (whose sessions share the block graph's weights; a second tract plan
+    /// would hold them twice).
+    pub fn has_score_graph(&self) -> bool {
+        self.manifest.graphs.score.is_some() && self.backend == BackendKind::Ort
+    }
+
+    /// Whether streams are scored in the score graph ([`RunOptions::score_in_graph`]).
+    pub fn scores_in_graph(&self) -> bool {
+        let gpu = self.opts.ep.kind != crate::runtime::EpKind::Cpu;
+        self.has_score_graph() && self.opts.score_in_graph.unwrap_or(gpu)
+    }
+
+    /// The score graph and its binding, opened on first use.
+    fn score_graph(&self) -> Result<std::sync::Arc<(RunnerPool, BlockBinding)>> {
+        let mut slot = self.score.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = slot.as_ref() {
+            return Ok(g.clone());
+        }
+        let (Some(file), Some(c), true) = (
+            &self.manifest.graphs.score,
+            &self.manifest.contract.score,
+            self.has_score_graph(),
+        ) else {
+            return Err(Error::Input(format!(
+                "{} has no score graph for {} (FamModel::has_score_graph): score from the logits",
+                self.dir.display(),
+                self.backend
+            )));
+        };
+        let binding = BlockBinding::new(&self.manifest, c, Role::TargetLogprob, &self.dir)?;
+        let opts = self
+            .opts
+            .clone()
+            .with_fixed_dim("batch", 1)
+            .with_fixed_dim("T", self.manifest.fam.block_len);
+        let pool = RunnerPool::open(self.backend, &self.dir.join(file), &opts)?;
+        let g = std::sync::Arc::new((pool, binding));
+        *slot = Some(g.clone());
+        Ok(g)
+    }
+
+    /// [`FamModel::step`] for one stream, scored in the graph: the log-probability of
+    /// `targets[i]` (the token after `block[i]`) for each row, instead of the logits. Needs
+    /// [`FamModel::has_score_graph`].
+    pub fn step_scored(
+        &self,
+        state: &mut StreamState,
+        block: &[u32],
+        targets: &[u32],
+    ) -> Result<Array1<f32>> {
+        let mut rows = self.advance(
+            std::slice::from_mut(&mut state.block_index),
+            &mut state.current,
+            &mut state.spare,
+            &[block],
+            Some(&[targets]),
+        )?;
+        Ok(rows.remove(0).column(0).to_owned())
+    }
+
+    /// [`FamModel::preview`] scored in the graph, like [`FamModel::step_scored`].
+    pub fn preview_scored(
+        &self,
+        state: &StreamState,
+        block: &[u32],
+        targets: &[u32],
+    ) -> Result<Array1<f32>> {
+        let (mut rows, _) = self.run_block(
+            &[state.block_index],
+            &state.current,
+            None,
+            &[block],
+            Some(&[targets]),
+        )?;
+        Ok(rows.remove(0).column(0).to_owned())
+    }
+
+    /// Each stream's targets as the score graph's int64 [B, T] input, padded with id 0 to
+    /// `t_run` rows like the block.
+    fn targets_tensor(&self, targets: &[&[u32]], blocks: &[&[u32]], t_run: usize) -> Result<Value> {
+        let vocab = self.manifest.model.vocab_size;
+        if targets.len() != blocks.len() {
+            return Err(Error::Input(format!(
+                "{} target lists for {} streams",
+                targets.len(),
+                blocks.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(blocks.len() * t_run);
+        for (s, (row, block)) in targets.iter().zip(blocks).enumerate() {
+            if row.len() != block.len() {
+                return Err(Error::Input(format!(
+                    "stream {s}: {} targets for a block of {} tokens",
+                    row.len(),
+                    block.len()
+                )));
+            }
+            for (i, &id) in row.iter().enumerate() {
+                if id as usize >= vocab {
+                    return Err(Error::Input(format!(
+                        "stream {s}: target token id {id} for row {i} is out of range (vocab_size {vocab})"
+                    )));
+                }
+                ids.push(id as i64);
+            }
+            ids.resize(ids.len() + t_run - row.len(), 0);
+        }
+        Ok(Value::host(Tensor::I64(
+            ArrayD::from_shape_vec(IxDyn(&[blocks.len(), t_run]), ids).expect("sized"),
+        )))
     }
 
     /// Runs the block graph over a batch of states (one row per stream). `spare`: the buffers to
@@ -592,6 +723,7 @@ impl FamModel {
         state: &[Value],
         spare: Option<&mut Vec<Value>>,
         blocks: &[&[u32]],
+        targets: Option<&[&[u32]]>,
     ) -> Result<BlockRun> {
         let l_len = self.manifest.fam.block_len;
         let vocab = self.manifest.model.vocab_size;
@@ -656,6 +788,16 @@ impl FamModel {
         let ids = Value::host(Tensor::I64(
             ArrayD::from_shape_vec(IxDyn(&[batch, t_run]), ids).expect("sized"),
         ));
+        let targets = targets
+            .map(|targets| self.targets_tensor(targets, blocks, t_run))
+            .transpose()?;
+        let score = targets.as_ref().map(|_| self.score_graph()).transpose()?;
+        let (pool, bind) = match &score {
+            Some(g) => (&g.0, &g.1),
+            None => (&self.block, &self.binding),
+        };
+        // a row gives V logits, or its target's log-probability
+        let width = if score.is_some() { 1 } else { vocab };
         let tau = Value::host(Tensor::I64(
             ArrayD::from_shape_vec(
                 IxDyn(&[batch]),
@@ -663,20 +805,21 @@ impl FamModel {
             )
             .expect("sized"),
         ));
-        let bind = &self.binding;
         let inputs: Vec<&Value> = bind
             .inputs
             .iter()
-            .map(|feed| match *feed {
-                Feed::Ids => &ids,
-                Feed::BlockIndex => &tau,
-                Feed::State(i) => &state[i],
+            .map(|feed| match (*feed, &targets) {
+                (Feed::Ids, _) => Ok(&ids),
+                (Feed::BlockIndex, _) => Ok(&tau),
+                (Feed::Targets, Some(targets)) => Ok(targets),
+                (Feed::Targets, None) => Err(self.backend_error("the block graph takes targets")),
+                (Feed::State(i), _) => Ok(&state[i]),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let advance = t == l_len && spare.is_some();
         let mut spare = spare.map(std::mem::take).unwrap_or_default().into_iter();
         let mut places: Vec<Option<OutputTo>> = (0..bind.outputs).map(|_| None).collect();
-        places[bind.logits] = Some(OutputTo::Host);
+        places[bind.head] = Some(OutputTo::Host);
         for &o in &bind.next {
             places[o] = Some(match (advance, self.opts.host_state, spare.next()) {
                 (true, true, _) => OutputTo::Host,
@@ -688,7 +831,7 @@ impl FamModel {
             .into_iter()
             .map(|p| p.unwrap_or(OutputTo::Backend))
             .collect();
-        let outputs = self.block.checkout()?.run_values(&inputs, places)?;
+        let outputs = pool.checkout()?.run_values(&inputs, places)?;
         if outputs.len() != bind.outputs {
             return Err(self.backend_error(&format!(
                 "the block graph returned {} outputs, famc.json's contract lists {}",
@@ -697,23 +840,36 @@ impl FamModel {
             )));
         }
         let mut outputs: Vec<Option<Value>> = outputs.into_iter().map(Some).collect();
-        let mut logits = outputs[bind.logits]
+        let logits = outputs[bind.head]
             .take()
             .expect("each output taken once")
             .into_host_f32()?;
-        if logits.shape() != [batch, t_run, vocab] {
+        let want = if score.is_some() {
+            vec![batch, t_run]
+        } else {
+            vec![batch, t_run, vocab]
+        };
+        if logits.shape() != want.as_slice() {
             return Err(self.backend_error(&format!(
-                "logits have shape {:?}, expected [{batch}, {t_run}, {vocab}]",
+                "the graph's {} output has shape {:?}, expected {want:?}",
+                if score.is_some() {
+                    "log-probability"
+                } else {
+                    "logits"
+                },
                 logits.shape()
             )));
         }
+        let mut logits = logits
+            .into_shape_with_order(IxDyn(&[batch, t_run, width]))
+            .expect("sized");
         if t_run > t {
             logits = logits.slice_axis(Axis(1), (0..t).into()).to_owned();
         }
         if let Some(flat) = logits.iter().position(|v| !v.is_finite()) {
-            let (s, i) = (flat / (t * vocab), flat / vocab % t);
+            let (s, i) = (flat / (t * width), flat / width % t);
             return Err(self.backend_error(&format!(
-                "non-finite logit ({}) for stream {s} at position {} (block {}): the computation overflowed float32",
+                "non-finite logit or log-probability ({}) for stream {s} at position {} (block {}): the computation overflowed float32",
                 logits.iter().nth(flat).copied().unwrap_or(f32::NAN),
                 block_indices[s] * l_len + i,
                 block_indices[s]

@@ -159,7 +159,8 @@ pub fn nll(logits: ArrayView1<f32>, target: u32) -> f64 {
 
 /// Scores one stream block by block. A block runs once its next token is known, so that its last
 /// prediction has a target; state therefore always sits after a full block, with at most L + 1
-/// tokens buffered.
+/// tokens buffered. Where the model scores in the graph ([`FamModel::scores_in_graph`]) only the
+/// targets' log-probabilities come back from each block, not its logits.
 pub struct Scorer<'m> {
     model: &'m FamModel,
     state: StreamState,
@@ -208,11 +209,18 @@ impl<'m> Scorer<'m> {
             if self.pending.len() <= l {
                 return Ok(());
             }
-            let logits = self
-                .model
-                .step(std::slice::from_mut(&mut self.state), &[&self.pending[..l]])?;
-            for (i, row) in logits[0].rows().into_iter().enumerate() {
-                self.committed.nll_sum += nll(row, self.pending[i + 1]);
+            let (block, targets) = (&self.pending[..l], &self.pending[1..=l]);
+            if self.model.scores_in_graph() {
+                // only the targets' log-probabilities come back, not [L, V] logits
+                let lp = self.model.step_scored(&mut self.state, block, targets)?;
+                self.committed.nll_sum -= lp.iter().map(|&v| f64::from(v)).sum::<f64>();
+            } else {
+                let logits = self
+                    .model
+                    .step(std::slice::from_mut(&mut self.state), &[block])?;
+                for (row, &target) in logits[0].rows().into_iter().zip(targets) {
+                    self.committed.nll_sum += nll(row, target);
+                }
             }
             self.committed.scored += l as u64;
             self.pending.drain(..l);
@@ -223,12 +231,19 @@ impl<'m> Scorer<'m> {
     /// which are computed on a copy of the state and committed only when their block is full.
     pub fn totals(&self) -> Result<ScoreStats> {
         let mut stats = self.committed;
-        if self.pending.len() > 1 {
-            let logits = self.model.preview(&self.state, &self.pending)?;
-            for (i, target) in self.pending[1..].iter().enumerate() {
-                stats.nll_sum += nll(logits.row(i), *target);
+        let n = self.pending.len();
+        if n > 1 {
+            let (block, targets) = (&self.pending[..n - 1], &self.pending[1..]);
+            if self.model.scores_in_graph() {
+                let lp = self.model.preview_scored(&self.state, block, targets)?;
+                stats.nll_sum -= lp.iter().map(|&v| f64::from(v)).sum::<f64>();
+            } else {
+                let logits = self.model.preview(&self.state, block)?;
+                for (row, &target) in logits.rows().into_iter().zip(targets) {
+                    stats.nll_sum += nll(row, target);
+                }
             }
-            stats.scored += self.pending.len() as u64 - 1;
+            stats.scored += n as u64 - 1;
         }
         Ok(stats)
     }

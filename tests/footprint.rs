@@ -16,11 +16,17 @@ use famc::session::FamModel;
 use prost::Message;
 
 fn graph_files(dir: &Path) -> Vec<String> {
-    ["block.onnx", "init.onnx", "decode.onnx", "fam_kv.onnx"]
-        .into_iter()
-        .filter(|f| dir.join(f).exists())
-        .map(String::from)
-        .collect()
+    [
+        "block.onnx",
+        "init.onnx",
+        "decode.onnx",
+        "fam_kv.onnx",
+        "score.onnx",
+    ]
+    .into_iter()
+    .filter(|f| dir.join(f).exists())
+    .map(String::from)
+    .collect()
 }
 
 /// (location, offset, length) of every external initializer of the graph at `path`.
@@ -106,7 +112,7 @@ fn every_graph_reads_one_store_holding_each_matrix_once() {
         .unwrap();
         let store = std::fs::read(out.join(export::WEIGHTS_FILE)).unwrap();
         let files = graph_files(&out);
-        assert_eq!(files.len(), 4, "tie {tie}: {files:?}");
+        assert_eq!(files.len(), 5, "tie {tie}: {files:?}");
         let mut distinct = BTreeSet::new();
         for f in &files {
             let refs = external_refs(&out.join(f));

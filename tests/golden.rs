@@ -45,7 +45,7 @@ fn check_golden(name: &str, p: FamParams, target: Target) {
             "{name}/{file}: {HINT}"
         );
     }
-    for g in ["block", "init", "decode", "fam_kv"] {
+    for g in ["block", "init", "decode", "fam_kv", "score"] {
         let onnx = dir.join(format!("{g}.onnx"));
         if onnx.exists() {
             let dump = famc::inspect::dump_graph(&onnx).unwrap();

@@ -76,20 +76,31 @@ fn score_matches_the_reference_on_hugging_face_and_fam_models() {
         let want = reference_mean_nll(&Reference::new(&ck, p).unwrap(), &ids);
         for backend in backends() {
             let m = FamModel::compile(&ck, p, backend, &RunOptions::default()).unwrap();
-            let mut s = Scorer::new(&m);
-            for chunk in ids.chunks(7) {
-                s.push(chunk).unwrap();
+            // from the logits (the default on the CPU), and on ONNX Runtime in the score graph
+            assert!(!m.scores_in_graph());
+            let in_graph = RunOptions {
+                score_in_graph: Some(true),
+                ..RunOptions::default()
+            };
+            let g = FamModel::compile(&ck, p, backend, &in_graph).unwrap();
+            assert_eq!(g.scores_in_graph(), backend == BackendKind::Ort);
+            for m in [&m, &g] {
+                let mut s = Scorer::new(m);
+                for chunk in ids.chunks(7) {
+                    s.push(chunk).unwrap();
+                }
+                let got = s.totals().unwrap();
+                assert_eq!(
+                    (got.tokens, got.scored),
+                    (ids.len() as u64, ids.len() as u64 - 1)
+                );
+                assert!(
+                    (got.mean_nll() - want).abs() < 1e-4,
+                    "{backend:?} {p:?}, in the graph {}: {} vs {want}",
+                    m.scores_in_graph(),
+                    got.mean_nll()
+                );
             }
-            let got = s.totals().unwrap();
-            assert_eq!(
-                (got.tokens, got.scored),
-                (ids.len() as u64, ids.len() as u64 - 1)
-            );
-            assert!(
-                (got.mean_nll() - want).abs() < 1e-4,
-                "{backend:?} {p:?}: {} vs {want}",
-                got.mean_nll()
-            );
         }
     }
 }
@@ -440,4 +451,67 @@ fn text_is_tokenized_with_the_models_tokenizer() {
     ));
     assert_eq!(by_text["tokens"], 30);
     assert_eq!(by_text["mean_nll"], by_ids["mean_nll"]);
+}
+
+#[test]
+fn the_score_graph_gives_each_rows_target_logprob() {
+    if !backends().contains(&BackendKind::Ort) {
+        eprintln!("skipped: ONNX Runtime is not available");
+        return;
+    }
+    let spec = Spec {
+        fam_init_rows: Some(3),
+        ..Spec::default()
+    };
+    let (_t, dir, _) = temp_checkpoint(&spec);
+    let ck = Checkpoint::load(&dir).unwrap();
+    let p = params(4, 3, 1);
+    let ids = Rng::new(3).tokens(19, 40);
+    let logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
+    // log softmax(logits)[target] of row i, in f64
+    let want = |i: usize| {
+        let row = logits.row(i);
+        let max = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        row[ids[i + 1] as usize] - lse
+    };
+    let m = FamModel::compile(&ck, p, BackendKind::Ort, &RunOptions::default()).unwrap();
+    let mut state = m.new_state();
+    let mut worst = 0f64;
+    for b in 0..4 {
+        let (block, targets) = (&ids[4 * b..4 * b + 4], &ids[4 * b + 1..4 * b + 5]);
+        let lp = m.step_scored(&mut state, block, targets).unwrap();
+        for (j, &v) in lp.iter().enumerate() {
+            worst = worst.max((f64::from(v) - want(4 * b + j)).abs());
+        }
+    }
+    assert_eq!(
+        state.block_index(),
+        4,
+        "full scored blocks advance the stream"
+    );
+    // a short block after them, not advancing
+    let lp = m
+        .preview_scored(&state, &ids[16..18], &ids[17..19])
+        .unwrap();
+    for (j, &v) in lp.iter().enumerate() {
+        worst = worst.max((f64::from(v) - want(16 + j)).abs());
+    }
+    assert!(worst < 1e-4, "score graph against the reference: {worst}");
+
+    let err = m
+        .preview_scored(&state, &ids[16..18], &[1, 40])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("target token id 40"), "{err}");
+    let err = m
+        .step_scored(&mut state, &ids[..4], &ids[1..4])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 targets for a block of 4 tokens"), "{err}");
+    assert_eq!(
+        state.block_index(),
+        4,
+        "a refused block leaves the stream as it was"
+    );
 }

@@ -1,4 +1,5 @@
-//! The block graph (docs/graph-contract.md, `block.onnx`).
+//! The block graph (docs/graph-contract.md, `block.onnx`) and the same graph scoring its rows
+//! against given targets (`score.onnx`).
 
 use super::io::{contract, Declared};
 use super::masks::BlockRows;
@@ -10,15 +11,30 @@ use crate::onnx;
 
 /// The block graph: one block of up to L tokens for a batch of streams, state in and out.
 pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    emit_block(spec, false)
+}
+
+/// The score graph: the block graph with each row's target token in (`targets` [B, T]) and its
+/// log-probability out (`target_logprob` [B, T]) instead of the logits, so that scoring brings
+/// back T numbers per stream, not T·V.
+pub fn score_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
+    emit_block(spec, true)
+}
+
+fn emit_block(spec: &EmitSpec, scored: bool) -> Result<onnx::ModelProto> {
     let cfg = spec.config;
     let w = spec.weights;
     let p = spec.fam;
     p.validate()?;
     let (f, ml, l_len) = (p.fam_len, p.mem_len(), p.block_len);
     let em = Emitter { spec };
-    let mut b = builder(spec, "famc_block");
+    let mut b = builder(spec, if scored { "famc_score" } else { "famc_block" });
     let contract = contract(cfg, p);
-    let io = Declared::new(&mut b, &contract.block);
+    let graph = match (scored, &contract.score) {
+        (true, Some(score)) => score,
+        _ => &contract.block,
+    };
+    let io = Declared::new(&mut b, graph);
     let ids = io.input(Role::InputIds, None).expect("in every contract");
     let block_index = io.input(Role::BlockIndex, None).expect("in every contract");
     let state_in: Vec<_> = (0..cfg.num_layers)
@@ -107,6 +123,12 @@ pub fn block_graph(spec: &EmitSpec) -> Result<onnx::ModelProto> {
         b.pop_scope();
     }
     let logits = em.head(&mut b, &x)?;
-    io.output(&mut b, Role::Logits, None, &logits);
+    match io.input(Role::Targets, None) {
+        Some(targets) => {
+            let lp = b.scoped("score", |b| em.target_logprob(b, &logits, &targets));
+            io.output(&mut b, Role::TargetLogprob, None, &lp);
+        }
+        None => io.output(&mut b, Role::Logits, None, &logits),
+    }
     io.finish(b.finish()?)
 }

@@ -52,4 +52,28 @@ impl Emitter<'_> {
             Ok(b.reshape_to(&logits, &shape))
         })
     }
+
+    /// log softmax(logits)[target] [B, T] for logits [B, T, V] and targets [B, T] (int64), with
+    /// the maximum subtracted first so that no exponential overflows.
+    pub(super) fn target_logprob(
+        &self,
+        b: &mut GraphBuilder,
+        logits: &Value,
+        targets: &Value,
+    ) -> Value {
+        let max = b.reduce_max(logits, &[-1], true);
+        let z = b.sub(logits, &max);
+        let e = b.exp(&z);
+        let sum = b.reduce_sum(&e, &[-1], true);
+        let lse = b.op("Log", &[&sum], vec![], DType::F32); // [B, T, 1]
+        let t = b.unsqueeze(targets, &[2]);
+        let picked = b.op(
+            "GatherElements",
+            &[&z, &t],
+            vec![Attr::int("axis", 2)],
+            DType::F32,
+        );
+        let lp = b.sub(&picked, &lse);
+        b.squeeze(&lp, &[2])
+    }
 }

@@ -29,9 +29,10 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
     };
     let f32_io =
         |name: &str, role, layer: usize, shape| io(name, role, Some(layer), IoType::Float32, shape);
-    // the per-model tensors: token ids, block index, position (int64) and logits (float32)
+    // the per-model tensors: token ids, block index, position, targets (int64); logits and
+    // log-probabilities (float32)
     let whole = |name: &str, role, shape| {
-        let dtype = if role == Role::Logits {
+        let dtype = if matches!(role, Role::Logits | Role::TargetLogprob) {
             IoType::Float32
         } else {
             IoType::Int64
@@ -73,6 +74,18 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
             block.inputs.push(f32_io(&name, role, l, shape));
         }
     }
+
+    // the block graph scored: targets in after the block index, log-probabilities out for logits
+    let mut score = block.clone();
+    score.inputs.insert(
+        2,
+        whole(names::TARGETS, Role::Targets, vec![batch(), tokens()]),
+    );
+    score.outputs[0] = whole(
+        names::TARGET_LOGPROB,
+        Role::TargetLogprob,
+        vec![batch(), tokens()],
+    );
 
     let init = (f > 0).then(|| GraphContract {
         inputs: Vec::new(),
@@ -143,6 +156,7 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
         init,
         decode,
         fam_kv,
+        score: Some(score),
     }
 }
 

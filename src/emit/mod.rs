@@ -34,7 +34,7 @@ mod masks;
 mod norm;
 mod rotary;
 
-pub use block::block_graph;
+pub use block::{block_graph, score_graph};
 pub use decode::decode_graph;
 pub use fam_kv::fam_kv_graph;
 pub use init::init_graph;
@@ -48,6 +48,8 @@ pub mod names {
     pub const INPUT_IDS: &str = "input_ids";
     pub const BLOCK_INDEX: &str = "block_index";
     pub const LOGITS: &str = "logits";
+    pub const TARGETS: &str = "targets";
+    pub const TARGET_LOGPROB: &str = "target_logprob";
 
     pub fn fam(l: usize) -> String {
         format!("fam.{l}")

@@ -62,6 +62,9 @@ pub struct GraphFiles {
     /// The FAM keys/values graph: a block's FAM keys and values for the decode graph (F > 0).
     #[serde(default)]
     pub fam_kv: Option<String>,
+    /// The score graph: the block graph returning its rows' target log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<String>,
 }
 
 /// The contents of `famc.json`.
@@ -126,6 +129,7 @@ impl Manifest {
             m.graphs.init.as_ref(),
             m.graphs.decode.as_ref(),
             m.graphs.fam_kv.as_ref(),
+            m.graphs.score.as_ref(),
         ];
         for name in graphs.into_iter().flatten().chain(m.files.keys()) {
             if !is_plain_file_name(name) {
@@ -156,6 +160,7 @@ impl Manifest {
         for (graph, file, contract) in [
             ("init", &self.graphs.init, c.init.is_some()),
             ("fam_kv", &self.graphs.fam_kv, c.fam_kv.is_some()),
+            ("score", &self.graphs.score, c.score.is_some()),
         ] {
             if file.is_some() != contract {
                 return Err(format!(

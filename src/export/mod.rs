@@ -32,6 +32,8 @@ pub const INIT_FILE: &str = "init.onnx";
 pub const DECODE_FILE: &str = "decode.onnx";
 /// FAM keys/values graph file name.
 pub const FAM_KV_FILE: &str = "fam_kv.onnx";
+/// Score graph file name.
+pub const SCORE_FILE: &str = "score.onnx";
 /// The weight store: the external data of every graph, each distinct tensor stored once.
 pub const WEIGHTS_FILE: &str = "weights.data";
 
@@ -82,6 +84,7 @@ pub struct Compiled {
     pub init: Option<onnx::ModelProto>,
     pub decode: onnx::ModelProto,
     pub fam_kv: Option<onnx::ModelProto>,
+    pub score: onnx::ModelProto,
 }
 
 impl Compiled {
@@ -95,6 +98,7 @@ impl Compiled {
         if let Some(g) = &self.fam_kv {
             v.push((FAM_KV_FILE, g));
         }
+        v.push((SCORE_FILE, &self.score));
         v
     }
 }
@@ -147,6 +151,7 @@ fn graph_kinds(fam: FamParams) -> Vec<(&'static str, EmitFn)> {
     if fam.fam_len > 0 {
         v.push((FAM_KV_FILE, emit::fam_kv_graph));
     }
+    v.push((SCORE_FILE, emit::score_graph));
     v
 }
 
@@ -196,6 +201,7 @@ fn manifest_for(ck: &Checkpoint, fam: FamParams, opts: &ExportOptions) -> Result
             init: (fam.fam_len > 0).then(|| INIT_FILE.into()),
             decode: Some(DECODE_FILE.into()),
             fam_kv: (fam.fam_len > 0).then(|| FAM_KV_FILE.into()),
+            score: Some(SCORE_FILE.into()),
         },
         state: state_tensors(&contract),
         contract,
@@ -248,6 +254,7 @@ pub fn compile(
         init: graphs.remove(INIT_FILE),
         decode: graphs.remove(DECODE_FILE).expect("always emitted"),
         fam_kv: graphs.remove(FAM_KV_FILE),
+        score: graphs.remove(SCORE_FILE).expect("always emitted"),
     })
 }
 
@@ -598,6 +605,7 @@ impl ExportDir {
             (graphs.init.as_ref(), c.init.as_ref()),
             (graphs.decode.as_ref(), Some(&c.decode)),
             (graphs.fam_kv.as_ref(), c.fam_kv.as_ref()),
+            (graphs.score.as_ref(), c.score.as_ref()),
         ];
         let mut structures = Vec::new();
         for (file, contract) in files {

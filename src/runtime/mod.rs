@@ -494,6 +494,12 @@ pub struct RunOptions {
     /// weights (unset: tract one per core; ONNX Runtime as many sessions of `intra_threads` as
     /// the cores hold, so one by default; GPU sessions always one). See [`RunnerPool`].
     pub concurrency: Option<usize>,
+    /// Score streams in the export's score graph (only the targets' log-probabilities come back
+    /// from a block, not its logits) instead of from the logits. Unset: on ONNX Runtime's GPU
+    /// providers, where the [T, V] logits are the largest transfer; on its CPU provider the
+    /// score graph measured no faster and holds a second session. tract never does (a second
+    /// plan would hold the weights twice).
+    pub score_in_graph: Option<bool>,
 }
 
 impl RunOptions {
