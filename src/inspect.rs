@@ -153,10 +153,19 @@ pub fn inspect(path: &Path) -> Result<Report> {
             )),
             other => other,
         })?;
-        let mut graphs = vec![inspect_graph(&path.join(&manifest.graphs.block))?];
-        if let Some(init) = &manifest.graphs.init {
-            graphs.push(inspect_graph(&path.join(init))?);
-        }
+        let g = &manifest.graphs;
+        let files = [
+            Some(&g.block),
+            g.init.as_ref(),
+            g.decode.as_ref(),
+            g.fam_kv.as_ref(),
+            g.score.as_ref(),
+        ];
+        let graphs = files
+            .into_iter()
+            .flatten()
+            .map(|f| inspect_graph(&path.join(f)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Report {
             manifest: Some(manifest),
             graphs,

@@ -214,6 +214,14 @@ fn export_inspect_and_run_on_each_backend() {
         "{text}"
     );
     assert!(text.contains("next_fam.0 f32 [batch, 2, 16]"), "{text}");
+    // every graph of the export, the decode, FAM-kv and score graphs too
+    for want in [
+        "new_k.0 f32",
+        "fam_k.0 f32",
+        "target_logprob f32 [batch, T]",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
 
     let reference = tmp.path().join("ref.npy");
     let o = famc(&[
