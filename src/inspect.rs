@@ -153,17 +153,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
             )),
             other => other,
         })?;
-        let g = &manifest.graphs;
-        let files = [
-            Some(&g.block),
-            g.init.as_ref(),
-            g.decode.as_ref(),
-            g.fam_kv.as_ref(),
-            g.score.as_ref(),
-        ];
-        let graphs = files
-            .into_iter()
-            .flatten()
+        let graphs = manifest
+            .graphs
+            .names()
             .map(|f| inspect_graph(&path.join(f)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Report {

@@ -297,6 +297,36 @@ impl BlockBinding {
     }
 }
 
+/// A graph of the block's shape (the block graph, or the score graph): its runners and how a
+/// stream meets its inputs and outputs.
+struct BlockGraph {
+    runners: RunnerPool,
+    binding: BlockBinding,
+}
+
+impl BlockGraph {
+    /// Opens graph `file` of the export in `dir`, bound by its contract `c` and `head` output
+    /// (see [`BlockBinding::new`]). tract plans single-stream full blocks separately: a quarter
+    /// faster than the symbolic plan.
+    fn open(
+        m: &Manifest,
+        c: &GraphContract,
+        head: Role,
+        dir: &Path,
+        file: &str,
+        backend: BackendKind,
+        opts: &RunOptions,
+    ) -> Result<Self> {
+        let binding = BlockBinding::new(m, c, head, dir)?;
+        let opts = opts
+            .clone()
+            .with_fixed_dim("batch", 1)
+            .with_fixed_dim("T", m.fam.block_len);
+        let runners = RunnerPool::open(backend, &dir.join(file), &opts)?;
+        Ok(BlockGraph { runners, binding })
+    }
+}
+
 /// A FAM model loaded on a backend: its block graph and initial state.
 ///
 /// The model is immutable once opened and may be shared across threads (`&FamModel` is `Sync`);
@@ -306,15 +336,14 @@ pub struct FamModel {
     manifest: Manifest,
     backend: BackendKind,
     /// The block graph: streams run it at once, each on a runner of its own.
-    block: RunnerPool,
-    binding: BlockBinding,
+    block: BlockGraph,
     initial: Vec<ArrayD<f32>>,
     dir: std::path::PathBuf,
     opts: RunOptions,
     /// The decode graphs, opened by the first [`crate::generate::FamDecoder`].
     decode: Mutex<Option<std::sync::Arc<DecodeGraphs>>>,
     /// The score graph, opened by the first scored step.
-    score: Mutex<Option<std::sync::Arc<(RunnerPool, BlockBinding)>>>,
+    score: Mutex<Option<std::sync::Arc<BlockGraph>>>,
     /// The temporary export of a compiled checkpoint, removed with the model (or on a signal).
     _tempdir: Option<(tempfile::TempDir, crate::signal::TempGuard)>,
 }
@@ -417,24 +446,20 @@ impl FamModel {
                 ),
             });
         }
-        // tract plans single-stream full blocks separately: a quarter faster than the symbolic plan
-        let block_opts = opts
-            .clone()
-            .with_fixed_dim("batch", 1)
-            .with_fixed_dim("T", manifest.fam.block_len);
-        let binding = BlockBinding::new(
+        let block = BlockGraph::open(
             &manifest,
             &manifest.contract.block,
             Role::Logits,
             &export.dir,
+            &manifest.graphs.block,
+            backend,
+            opts,
         )?;
-        let block = RunnerPool::open(backend, &export.block_path(), &block_opts)?;
         let initial = initial_state(&export, backend, opts)?;
         Ok(FamModel {
             manifest,
             backend,
             block,
-            binding,
             initial,
             dir: export.dir.clone(),
             opts: opts.clone(),
@@ -471,7 +496,7 @@ impl FamModel {
 
     /// The block graph's runners: streams that step at once each take one.
     pub fn block_runners(&self) -> &RunnerPool {
-        &self.block
+        &self.block.runners
     }
 
     /// The export's manifest.
@@ -616,7 +641,7 @@ impl FamModel {
     }
 
     /// The score graph and its binding, opened on first use.
-    fn score_graph(&self) -> Result<std::sync::Arc<(RunnerPool, BlockBinding)>> {
+    fn score_graph(&self) -> Result<std::sync::Arc<BlockGraph>> {
         let mut slot = self.score.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(g) = slot.as_ref() {
             return Ok(g.clone());
@@ -632,14 +657,15 @@ impl FamModel {
                 self.backend
             )));
         };
-        let binding = BlockBinding::new(&self.manifest, c, Role::TargetLogprob, &self.dir)?;
-        let opts = self
-            .opts
-            .clone()
-            .with_fixed_dim("batch", 1)
-            .with_fixed_dim("T", self.manifest.fam.block_len);
-        let pool = RunnerPool::open(self.backend, &self.dir.join(file), &opts)?;
-        let g = std::sync::Arc::new((pool, binding));
+        let g = std::sync::Arc::new(BlockGraph::open(
+            &self.manifest,
+            c,
+            Role::TargetLogprob,
+            &self.dir,
+            file,
+            self.backend,
+            &self.opts,
+        )?);
         *slot = Some(g.clone());
         Ok(g)
     }
@@ -792,10 +818,8 @@ impl FamModel {
             .map(|targets| self.targets_tensor(targets, blocks, t_run))
             .transpose()?;
         let score = targets.as_ref().map(|_| self.score_graph()).transpose()?;
-        let (pool, bind) = match &score {
-            Some(g) => (&g.0, &g.1),
-            None => (&self.block, &self.binding),
-        };
+        let graph = score.as_deref().unwrap_or(&self.block);
+        let bind = &graph.binding;
         // a row gives V logits, or its target's log-probability
         let width = if score.is_some() { 1 } else { vocab };
         let tau = Value::host(Tensor::I64(
@@ -831,7 +855,7 @@ impl FamModel {
             .into_iter()
             .map(|p| p.unwrap_or(OutputTo::Backend))
             .collect();
-        let outputs = pool.checkout()?.run_values(&inputs, places)?;
+        let outputs = graph.runners.checkout()?.run_values(&inputs, places)?;
         if outputs.len() != bind.outputs {
             return Err(self.backend_error(&format!(
                 "the block graph returned {} outputs, famc.json's contract lists {}",

@@ -4,7 +4,7 @@
 use std::io::BufRead;
 use std::path::Path;
 
-use ndarray::ArrayView1;
+use ndarray::{Array1, Array2, ArrayView1};
 
 use crate::error::{Error, Result};
 use crate::session::{BatchState, FamModel, StreamState};
@@ -157,6 +157,21 @@ pub fn nll(logits: ArrayView1<f32>, target: u32) -> f64 {
     max + sum.ln() - logits[target as usize] as f64
 }
 
+/// Σ −log softmax(row)[target] over logits rows [T, V] and each row's target.
+fn nll_of_logits(logits: &Array2<f32>, targets: &[u32]) -> f64 {
+    logits
+        .rows()
+        .into_iter()
+        .zip(targets)
+        .map(|(row, &target)| nll(row, target))
+        .sum()
+}
+
+/// Σ −log p of the rows' targets, from the score graph's log-probabilities.
+fn nll_of_logprobs(logprobs: &Array1<f32>) -> f64 {
+    -logprobs.iter().map(|&v| f64::from(v)).sum::<f64>()
+}
+
 /// Scores one stream block by block. A block runs once its next token is known, so that its last
 /// prediction has a target; state therefore always sits after a full block, with at most L + 1
 /// tokens buffered. Where the model scores in the graph ([`FamModel::scores_in_graph`]) only the
@@ -210,18 +225,15 @@ impl<'m> Scorer<'m> {
                 return Ok(());
             }
             let (block, targets) = (&self.pending[..l], &self.pending[1..=l]);
-            if self.model.scores_in_graph() {
+            self.committed.nll_sum += if self.model.scores_in_graph() {
                 // only the targets' log-probabilities come back, not [L, V] logits
-                let lp = self.model.step_scored(&mut self.state, block, targets)?;
-                self.committed.nll_sum -= lp.iter().map(|&v| f64::from(v)).sum::<f64>();
+                nll_of_logprobs(&self.model.step_scored(&mut self.state, block, targets)?)
             } else {
                 let logits = self
                     .model
                     .step(std::slice::from_mut(&mut self.state), &[block])?;
-                for (row, &target) in logits[0].rows().into_iter().zip(targets) {
-                    self.committed.nll_sum += nll(row, target);
-                }
-            }
+                nll_of_logits(&logits[0], targets)
+            };
             self.committed.scored += l as u64;
             self.pending.drain(..l);
         }
@@ -234,15 +246,11 @@ impl<'m> Scorer<'m> {
         let n = self.pending.len();
         if n > 1 {
             let (block, targets) = (&self.pending[..n - 1], &self.pending[1..]);
-            if self.model.scores_in_graph() {
-                let lp = self.model.preview_scored(&self.state, block, targets)?;
-                stats.nll_sum -= lp.iter().map(|&v| f64::from(v)).sum::<f64>();
+            stats.nll_sum += if self.model.scores_in_graph() {
+                nll_of_logprobs(&self.model.preview_scored(&self.state, block, targets)?)
             } else {
-                let logits = self.model.preview(&self.state, block)?;
-                for (row, &target) in logits.rows().into_iter().zip(targets) {
-                    stats.nll_sum += nll(row, target);
-                }
-            }
+                nll_of_logits(&self.model.preview(&self.state, block)?, targets)
+            };
             stats.scored += n as u64 - 1;
         }
         Ok(stats)
@@ -306,9 +314,7 @@ pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStat
             .collect();
         let logits = model.step_batch(&mut batch, &blocks)?;
         for (&s, lg) in live.iter().zip(logits) {
-            for i in 0..l {
-                stats[s].nll_sum += nll(lg.row(i), streams[s][start + i + 1]);
-            }
+            stats[s].nll_sum += nll_of_logits(&lg, &streams[s][start + 1..start + l + 1]);
             stats[s].scored += l as u64;
         }
         start += l;
@@ -319,9 +325,7 @@ pub fn score_batch(model: &FamModel, streams: &[&[u32]]) -> Result<Vec<ScoreStat
         if tail.len() > 1 {
             let state = finished[s].as_ref().expect("every stream leaves the batch");
             let logits = model.preview(state, tail)?;
-            for (i, target) in tail[1..].iter().enumerate() {
-                stats[s].nll_sum += nll(logits.row(i), *target);
-            }
+            stats[s].nll_sum += nll_of_logits(&logits, &tail[1..]);
             stats[s].scored += tail.len() as u64 - 1;
         }
     }

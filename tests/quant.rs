@@ -117,25 +117,8 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
         if shape.len() != 2 || name == "model.fam_init" {
             continue;
         }
-        let graph_name = match name.as_str() {
-            "model.embed_tokens.weight" => "embed_tokens".to_string(),
-            "lm_head.weight" => "head.lm_head".to_string(),
-            other => {
-                let rest = other.strip_prefix("model.layers.").unwrap();
-                let (layer, rest) = rest.split_once('.').unwrap();
-                let rest = rest
-                    .strip_suffix(".weight")
-                    .unwrap()
-                    .replace("self_attn.", "attn.");
-                format!("layers.{layer}.{rest}")
-            }
-        };
-        // the `ort` target packs q/k/v and gate/up: this matrix is a run of rows of the packed one
-        let (packed, before, rows) = if inits.contains_key(&format!("{graph_name}.codes")) {
-            (graph_name.clone(), 0, shape[0])
-        } else {
-            packed_part(&graph_name, &t.0)
-        };
+        let graph_name = graph_name(name);
+        let (packed, before, rows) = stored_rows(&inits, &graph_name, shape[0], t);
         let codes = &inits[&format!("{packed}.codes")];
         // the embedding (and a tied head, which reads it) is always 8-bit
         let b = if graph_name == "embed_tokens" {
@@ -156,6 +139,40 @@ fn dequantized_tensors(graph: &Path, t: &Tensors, bits: u32) -> Tensors {
         *v = all[before * shape[1]..(before + shape[0]) * shape[1]].to_vec();
     }
     Tensors(out)
+}
+
+/// The graph's name for checkpoint matrix `name` (`model.layers.3.self_attn.q_proj.weight` →
+/// `layers.3.attn.q_proj`).
+fn graph_name(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" => "embed_tokens".to_string(),
+        "lm_head.weight" => "head.lm_head".to_string(),
+        other => {
+            let rest = other.strip_prefix("model.layers.").unwrap();
+            let (layer, rest) = rest.split_once('.').unwrap();
+            let rest = rest
+                .strip_suffix(".weight")
+                .unwrap()
+                .replace("self_attn.", "attn.");
+            format!("layers.{layer}.{rest}")
+        }
+    }
+}
+
+/// Where the graph holds matrix `graph_name` of `rows` rows: the initializers' name, the rows
+/// before it there and their rows in all. The `ort` target packs q/k/v and gate/up, so such a
+/// matrix is a run of rows of the packed one.
+fn stored_rows(
+    inits: &BTreeMap<String, famc::onnx::TensorProto>,
+    graph_name: &str,
+    rows: usize,
+    t: &Tensors,
+) -> (String, usize, usize) {
+    if inits.contains_key(&format!("{graph_name}.codes")) {
+        (graph_name.to_string(), 0, rows)
+    } else {
+        packed_part(graph_name, &t.0)
+    }
 }
 
 /// For `layers.N.<group>.<part>` of a packed projection: the packed matrix's name, the rows of
@@ -181,6 +198,28 @@ fn packed_part(
     (format!("{prefix}.{packed}"), before, all)
 }
 
+/// A model whose dimensions are whole blocks of 32, as q8 and q4 need.
+fn small_model(tie: bool) -> Spec {
+    Spec {
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        inter: 96,
+        vocab: 80,
+        tie,
+        fam_init_rows: Some(2),
+        ..Spec::default()
+    }
+}
+
+/// L = 4, F = 2, M = 1.
+const SMALL_FAM: FamParams = FamParams {
+    block_len: 4,
+    fam_len: 2,
+    mem_blocks: 1,
+};
+
 #[test]
 fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
     if !backends().contains(&BackendKind::Ort) {
@@ -188,24 +227,10 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
         return;
     }
     for tie in [true, false] {
-        let spec = Spec {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 16,
-            inter: 96,
-            vocab: 80,
-            tie,
-            fam_init_rows: Some(2),
-            ..Spec::default()
-        };
+        let spec = small_model(tie);
         let (tmp, dir, tensors) = temp_checkpoint(&spec);
         let ck = Checkpoint::load(&dir).unwrap();
-        let p = FamParams {
-            block_len: 4,
-            fam_len: 2,
-            mem_blocks: 1,
-        };
+        let p = SMALL_FAM;
         let ids = Rng::new(5).tokens(15, spec.vocab as u32);
         let f32_logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();
         let cases = Target::ALL
@@ -370,18 +395,7 @@ fn row_dequantized_tensors(graph: &Path, t: &Tensors) -> Tensors {
             *v = dequantize(8, rows, k, &codes.raw_data, &scales, None);
             continue;
         }
-        let rest = name.strip_prefix("model.layers.").unwrap();
-        let (layer, rest) = rest.split_once('.').unwrap();
-        let rest = rest
-            .strip_suffix(".weight")
-            .unwrap()
-            .replace("self_attn.", "attn.");
-        let graph_name = format!("layers.{layer}.{rest}");
-        let (packed, before, n) = if inits.contains_key(&format!("{graph_name}.codes")) {
-            (graph_name.clone(), 0, rows)
-        } else {
-            packed_part(&graph_name, &t.0)
-        };
+        let (packed, before, n) = stored_rows(&inits, &graph_name(name), rows, t);
         let codes = &inits[&format!("{packed}.codes")];
         let scales = f32s(&inits[&format!("{packed}.scales")]);
         // o_proj and gate/up take int8 activations; q/k/v and down_proj keep q8 blocks
@@ -408,24 +422,10 @@ fn row_dequantized_tensors(graph: &Path, t: &Tensors) -> Tensors {
 
 #[test]
 fn int8_activations_stay_near_the_reference_and_each_row_stands_alone() {
-    let spec = Spec {
-        hidden: 64,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        inter: 96,
-        vocab: 80,
-        tie: true,
-        fam_init_rows: Some(2),
-        ..Spec::default()
-    };
+    let spec = small_model(true);
     let (tmp, dir, tensors) = temp_checkpoint(&spec);
     let ck = Checkpoint::load(&dir).unwrap();
-    let p = FamParams {
-        block_len: 4,
-        fam_len: 2,
-        mem_blocks: 1,
-    };
+    let p = SMALL_FAM;
     let ids = Rng::new(5).tokens(15, spec.vocab as u32);
     let other = Rng::new(6).tokens(15, spec.vocab as u32);
     let f32_logits = Reference::new(&ck, p).unwrap().forward(&ids).unwrap();

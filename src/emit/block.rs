@@ -30,9 +30,13 @@ fn emit_block(spec: &EmitSpec, scored: bool) -> Result<onnx::ModelProto> {
     let em = Emitter { spec };
     let mut b = builder(spec, if scored { "famc_score" } else { "famc_block" });
     let contract = contract(cfg, p);
-    let graph = match (scored, &contract.score) {
-        (true, Some(score)) => score,
-        _ => &contract.block,
+    let graph = if scored {
+        contract
+            .score
+            .as_ref()
+            .expect("every emitted contract has a score graph")
+    } else {
+        &contract.block
     };
     let io = Declared::new(&mut b, graph);
     let ids = io.input(Role::InputIds, None).expect("in every contract");

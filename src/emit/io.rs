@@ -77,11 +77,18 @@ pub fn contract(cfg: &ModelConfig, fam: FamParams) -> Contract {
 
     // the block graph scored: targets in after the block index, log-probabilities out for logits
     let mut score = block.clone();
+    let after_index = block
+        .input_index(Role::BlockIndex, None)
+        .expect("declared above")
+        + 1;
     score.inputs.insert(
-        2,
+        after_index,
         whole(names::TARGETS, Role::Targets, vec![batch(), tokens()]),
     );
-    score.outputs[0] = whole(
+    let logits_at = block
+        .output_index(Role::Logits, None)
+        .expect("declared above");
+    score.outputs[logits_at] = whole(
         names::TARGET_LOGPROB,
         Role::TargetLogprob,
         vec![batch(), tokens()],

@@ -66,11 +66,12 @@ impl Product {
     }
 }
 
-/// `x · Wᵀ` in int8: W [N, K] as [`quant::quantize_rows`] gives it (7-bit codes) (initializers `<name>.codes`
-/// [K, N] int8 and `<name>.scales` [N]), each row of `x` quantized around its own absolute
-/// maximum, s = max |x| / 127, to uint8 codes round(x / s) + 128 (zero point 128, so that
-/// runtimes take their u8·s8 kernels), and the int32 products rescaled by s and the weight scales.
-/// A row's result depends on that row alone, whatever else is batched with it.
+/// `x · Wᵀ` in int8: W [N, K] with 7-bit codes as [`quant::quantize_rows`] gives them
+/// (initializers `<name>.codes` [K, N] int8 and `<name>.scales` [N]), each row of `x` quantized
+/// around its own absolute maximum, s = max |x| / 127, to uint8 codes round(x / s) + 128 (zero
+/// point 128, so that runtimes take their u8·s8 kernels), and the int32 products rescaled by s
+/// and the weight scales. A row's result depends on that row alone, whatever else is batched
+/// with it.
 fn int8_linear(b: &mut GraphBuilder, x: &Value, name: &str, w: &Array2<f32>) -> Result<Value> {
     let (n, k) = w.dim();
     let q = quant::quantize_rows(w);

@@ -203,14 +203,6 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// `f32` or `int8`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Activations::F32 => "f32",
-            Activations::Int8 => "int8",
-        }
-    }
-
     /// Whether this is the default, f32 (which famc.json leaves unsaid).
     pub fn is_f32(&self) -> bool {
         *self == Activations::F32

@@ -67,6 +67,21 @@ pub struct GraphFiles {
     pub score: Option<String>,
 }
 
+impl GraphFiles {
+    /// Every graph file named, block first.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        [
+            Some(&self.block),
+            self.init.as_ref(),
+            self.decode.as_ref(),
+            self.fam_kv.as_ref(),
+            self.score.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 /// The contents of `famc.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -124,14 +139,7 @@ impl Manifest {
                 m.format_version
             )));
         }
-        let graphs = [
-            Some(&m.graphs.block),
-            m.graphs.init.as_ref(),
-            m.graphs.decode.as_ref(),
-            m.graphs.fam_kv.as_ref(),
-            m.graphs.score.as_ref(),
-        ];
-        for name in graphs.into_iter().flatten().chain(m.files.keys()) {
+        for name in m.graphs.names().chain(m.files.keys()) {
             if !is_plain_file_name(name) {
                 return Err(err(format!(
                     "famc.json names the file `{name}`, which is not a plain file name inside the export directory"
