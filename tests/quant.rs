@@ -198,6 +198,24 @@ fn packed_part(
     (format!("{prefix}.{packed}"), before, all)
 }
 
+/// The f64 reference's logits for `ids` on `tensors` (with the config of checkpoint `ck_dir`),
+/// written as a checkpoint into `at`.
+fn reference_on(
+    ck_dir: &Path,
+    tensors: &Tensors,
+    at: &Path,
+    p: FamParams,
+    ids: &[u32],
+) -> ndarray::Array2<f64> {
+    std::fs::create_dir_all(at).unwrap();
+    std::fs::copy(ck_dir.join("config.json"), at.join("config.json")).unwrap();
+    write_safetensors(at, tensors, DiskDtype::F32, 1);
+    Reference::new(&Checkpoint::load(at).unwrap(), p)
+        .unwrap()
+        .forward(ids)
+        .unwrap()
+}
+
 /// A model whose dimensions are whole blocks of 32, as q8 and q4 need.
 fn small_model(tie: bool) -> Spec {
     Spec {
@@ -255,13 +273,7 @@ fn q8_and_q4_logits_equal_the_reference_on_the_dequantized_weights() {
             let deq_dir = tmp
                 .path()
                 .join(format!("dequantized-{}-{target}", dtype.name()));
-            std::fs::create_dir_all(&deq_dir).unwrap();
-            std::fs::copy(dir.join("config.json"), deq_dir.join("config.json")).unwrap();
-            write_safetensors(&deq_dir, &deq, DiskDtype::F32, 1);
-            let want = Reference::new(&Checkpoint::load(&deq_dir).unwrap(), p)
-                .unwrap()
-                .forward(&ids)
-                .unwrap();
+            let want = reference_on(&dir, &deq, &deq_dir, p, &ids);
             let got = FamModel::open(&out, BackendKind::Ort, &RunOptions::default())
                 .unwrap()
                 .run(&ids)
@@ -446,13 +458,7 @@ fn int8_activations_stay_near_the_reference_and_each_row_stands_alone() {
         .unwrap();
         let deq = row_dequantized_tensors(&out.join("block.onnx"), &tensors);
         let deq_dir = tmp.path().join(format!("row-dequantized-{target}"));
-        std::fs::create_dir_all(&deq_dir).unwrap();
-        std::fs::copy(dir.join("config.json"), deq_dir.join("config.json")).unwrap();
-        write_safetensors(&deq_dir, &deq, DiskDtype::F32, 1);
-        let want = Reference::new(&Checkpoint::load(&deq_dir).unwrap(), p)
-            .unwrap()
-            .forward(&ids)
-            .unwrap();
+        let want = reference_on(&dir, &deq, &deq_dir, p, &ids);
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         let weights_moved = max_abs_diff(want.iter(), f32_logits.iter());
         let mut seen = Vec::new();
