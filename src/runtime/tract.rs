@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ndarray::ArrayD;
 use tract_onnx::prelude::multithread::Executor;
+use tract_onnx::prelude::{tvec, OutletId, TractResult};
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, IntoTValue, RunOptions as TractRunOptions, Symbol,
     TDim, TValue, TVec, TypedModel, TypedSimplePlan, TypedSimpleState,
@@ -229,8 +232,8 @@ impl TractRunner {
             // the symbolic plan is built from the file when first needed: letting the
             // decluttered model go now lets its weights go as the fixed plan packs them
             drop(std::mem::take(&mut decluttered));
-            let plan = specialised
-                .into_optimized()
+            let plan = untie_shared_weights(specialised)
+                .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable_with_options(&plan_opts))
                 .map_err(|e| err(&what(), e))?;
             Some(FixedPlan {
@@ -491,11 +494,60 @@ fn load_decluttered(path: &Path) -> Result<TypedModel> {
         .map_err(|e| backend_error(KIND, path, format!("cannot type the graph: {e:#}")))
 }
 
+/// Shared constants of more than this many bytes may get a node per consumer.
+const UNTIE_BYTES: usize = 1 << 16;
+
+/// A product whose other operand has at most this many rows (of the constant's shorter side)
+/// packs its shared constant once, into the plan.
+const UNTIE_ROWS: i64 = 64;
+
+/// `model` with a large constant that feeds several nodes given a `Const` node of its own for
+/// each matrix product with few rows on the other side, over the same tensor (nothing is
+/// copied), just before it is optimised (tract's own rewrites, `set_symbols` among them, merge
+/// identical constants again). tract folds a product's packing of a constant into the plan only
+/// when the constant has a single consumer: SmolLM2's tied embedding feeds the Gather and the
+/// head, and its 113 MB were packed again on every run, 49 of a decode token's 116 ms. A plan
+/// whose head sees many rows (a full block) keeps packing per run, as the pack held in the plan
+/// would cost more memory than the time it saves there (about 2 % of a block).
+fn untie_shared_weights(mut model: TypedModel) -> TractResult<TypedModel> {
+    for id in 0..model.nodes.len() {
+        let node = &model.nodes[id];
+        let Some(konst) = node.op_as::<Const>() else {
+            continue;
+        };
+        let bytes = konst.val().len() * konst.val().datum_type().size_of();
+        let successors = node.outputs[0].successors.clone();
+        if successors.len() < 2 || bytes <= UNTIE_BYTES {
+            continue;
+        }
+        let side = konst.val().shape().iter().copied().min().unwrap_or(1).max(1) as i64;
+        let (konst, fact, name) = (konst.clone(), node.outputs[0].fact.clone(), node.name.clone());
+        for inlet in successors {
+            let consumer = &model.nodes[inlet.node];
+            if !consumer.op_is::<EinSum>() || consumer.inputs.len() != 2 {
+                continue;
+            }
+            let other = consumer.inputs[1 - inlet.slot.min(1)];
+            let rows = model.outlet_fact(other)?.shape.volume().as_i64();
+            if !rows.is_some_and(|v| v <= UNTIE_ROWS * side) {
+                continue;
+            }
+            let twin = model.add_node(
+                format!("{name}.for.{}", consumer.name),
+                konst.clone(),
+                tvec!(fact.clone()),
+            )?;
+            model.add_edge(OutletId::new(twin, 0), inlet)?;
+        }
+    }
+    Ok(model)
+}
+
 /// `model` optimised with its symbols left symbolic, planned to run on `threads` threads.
 fn symbolic_plan(path: &Path, model: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
     let plan_opts = plan_options(threads)?;
-    model
-        .into_optimized()
+    untie_shared_weights(model)
+        .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable_with_options(&plan_opts))
         .map_err(|e| {
             backend_error(
