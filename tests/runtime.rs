@@ -243,6 +243,75 @@ fn tract_fixed_dims_dispatch_by_input_shape() {
     assert_eq!(run_once(2, 3), PlanKind::Fixed);
 }
 
+/// A tied head: the embedding feeds the Gather and, transposed, the head's one-row product.
+/// tract packs a constant into the plan only when it has one consumer, so the runner gives the
+/// head a consumer of its own; its product must then read no packing done at run time, and its
+/// logits must still be the embedding's own rows against the input (computed here by hand).
+#[test]
+fn tract_tied_head_packs_its_weights_once() {
+    use famc::builder::{save_model, Attr, DType, Dim, GraphBuilder, TensorData};
+    // 5.2 MB: above the 4 MiB up to which tract folds a shared constant's packing anyway
+    let (vocab, d) = (4096usize, 320usize);
+    let e: Vec<f32> = (0..vocab * d)
+        .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let mut b = GraphBuilder::new("tied", famc::onnx::DEFAULT_OPSET);
+    let ids = b.input(
+        "ids",
+        DType::I64,
+        vec![Dim::Sym("batch".into()), Dim::Fixed(1)],
+    );
+    let w = b
+        .weight("embed", TensorData::from_f32(&e, &[vocab as i64, d as i64]))
+        .unwrap();
+    let x = b.op(
+        "Gather",
+        &[&w, &ids],
+        vec![Attr::int("axis", 0)],
+        DType::F32,
+    );
+    let h = b.mul(&x, &x);
+    let rows = b.reshape(&h, &[-1, d as i64]);
+    let logits = b.op(
+        "Gemm",
+        &[&rows, &w],
+        vec![Attr::int("transB", 1)],
+        DType::F32,
+    );
+    b.output(&logits, "logits");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tied.onnx");
+    save_model(b.finish().unwrap(), &path, None).unwrap();
+
+    let opts = RunOptions::default().with_fixed_dim("batch", 1);
+    let mut r = TractRunner::open(&path, &opts).unwrap();
+    let id = 37usize;
+    r.set_profiling(true);
+    let got = r
+        .run(vec![Tensor::I64(ArrayD::from_elem(
+            IxDyn(&[1, 1]),
+            id as i64,
+        ))])
+        .unwrap();
+    assert_eq!(r.last_plan(), Some(PlanKind::Fixed));
+    let packed_per_run: Vec<String> = r
+        .take_profile()
+        .into_iter()
+        .filter(|t| t.op == "OptMatMulPack" && t.node.ends_with("pack_a"))
+        .map(|t| t.node)
+        .collect();
+    assert!(
+        packed_per_run.is_empty(),
+        "the head packs its weights on every run: {packed_per_run:?}"
+    );
+    let want = ArrayD::from_shape_fn(IxDyn(&[1, vocab]), |ix| {
+        (0..d)
+            .map(|k| e[id * d + k] * e[id * d + k] * e[ix[1] * d + k])
+            .sum::<f32>()
+    });
+    assert_close("tied head logits", &got[0], &want);
+}
+
 #[test]
 fn tract_fixed_dims_absent_from_the_graph_are_ignored() {
     let opts = RunOptions::default().with_fixed_dim("T", 16);

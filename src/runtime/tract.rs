@@ -27,12 +27,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ndarray::ArrayD;
 use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::{tvec, OutletId, TractResult};
-use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, IntoTValue, RunOptions as TractRunOptions, Symbol,
     TDim, TValue, TVec, TypedModel, TypedSimplePlan, TypedSimpleState,
 };
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use super::{
     backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, Forker, GraphRunner,
@@ -494,9 +495,6 @@ fn load_decluttered(path: &Path) -> Result<TypedModel> {
         .map_err(|e| backend_error(KIND, path, format!("cannot type the graph: {e:#}")))
 }
 
-/// Shared constants of more than this many bytes may get a node per consumer.
-const UNTIE_BYTES: usize = 1 << 16;
-
 /// A product whose other operand has at most this many rows (of the constant's shorter side)
 /// packs its shared constant once, into the plan.
 const UNTIE_ROWS: i64 = 64;
@@ -517,11 +515,23 @@ fn untie_shared_weights(mut model: TypedModel) -> TractResult<TypedModel> {
         };
         let bytes = konst.val().len() * konst.val().datum_type().size_of();
         let successors = node.outputs[0].successors.clone();
-        if successors.len() < 2 || bytes <= UNTIE_BYTES {
+        // smaller shared constants tract folds anyway
+        if successors.len() < 2 || bytes as u64 <= CONST_FOLD_MEM_BUDGET {
             continue;
         }
-        let side = konst.val().shape().iter().copied().min().unwrap_or(1).max(1) as i64;
-        let (konst, fact, name) = (konst.clone(), node.outputs[0].fact.clone(), node.name.clone());
+        let side = konst
+            .val()
+            .shape()
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(1)
+            .max(1) as i64;
+        let (konst, fact, name) = (
+            konst.clone(),
+            node.outputs[0].fact.clone(),
+            node.name.clone(),
+        );
         for inlet in successors {
             let consumer = &model.nodes[inlet.node];
             if !consumer.op_is::<EinSum>() || consumer.inputs.len() != 2 {
