@@ -539,7 +539,7 @@ fn untie_shared_weights(mut model: TypedModel) -> TractResult<TypedModel> {
             }
             let other = consumer.inputs[1 - inlet.slot.min(1)];
             let rows = model.outlet_fact(other)?.shape.volume().as_i64();
-            if !rows.is_some_and(|v| v <= UNTIE_ROWS * side) {
+            if rows.is_none_or(|v| v > UNTIE_ROWS * side) {
                 continue;
             }
             let twin = model.add_node(
