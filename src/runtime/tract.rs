@@ -10,9 +10,8 @@
 //! any other run (another batch size, a tail block the caller did not pad) goes to the symbolic
 //! plan, which is then built on first use (each plan packs its own copy of the weights, so a
 //! runner used only on the fixed shapes holds them once). For the FAM
-//! block graph, full blocks are the common case, but `T = L` alone gains nothing with tract 0.23
-//! (it splits the matrix products at the FAM/token concatenation instead); `batch = 1, T = L`
-//! (one stream) runs a full block in about two thirds of the time (`tests/tract_bench.rs`).
+//! block graph, full blocks are the common case: `batch = 1, T = L` (one stream) lets tract fix
+//! every shape and pick its kernels ahead (`tests/tract_bench.rs` measures both plans).
 //!
 //! [`RunOptions::intra_threads`] above 1 runs the plans on a rayon pool of that many threads
 //! (tract-linalg's `multithread-mm`: matrix products, element-wise, reductions, softmax and
@@ -33,7 +32,7 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
+use tract_onnx::tract_core::optim::{Optimizer, CONST_FOLD_MEM_BUDGET};
 
 use super::{
     backend_error, check_inputs, check_outputs, BackendKind, Dim, ElemType, Forker, GraphRunner,
@@ -163,7 +162,7 @@ impl TractRunner {
 
         let mut decluttered = model
             .into_typed()
-            .and_then(|m| m.into_decluttered())
+            .and_then(declutter)
             .map_err(|e| err("cannot type the graph", e))?;
         if decluttered.inputs.len() != input_names.len()
             || decluttered.outputs.len() != output_names.len()
@@ -234,7 +233,7 @@ impl TractRunner {
             // decluttered model go now lets its weights go as the fixed plan packs them
             drop(std::mem::take(&mut decluttered));
             let plan = untie_shared_weights(specialised)
-                .and_then(|m| m.into_optimized())
+                .and_then(optimise)
                 .and_then(|m| m.into_runnable_with_options(&plan_opts))
                 .map_err(|e| err(&what(), e))?;
             Some(FixedPlan {
@@ -491,8 +490,30 @@ fn load_inference(path: &Path) -> Result<tract_onnx::prelude::InferenceModel> {
 fn load_decluttered(path: &Path) -> Result<TypedModel> {
     load_inference(path)?
         .into_typed()
-        .and_then(|m| m.into_decluttered())
+        .and_then(declutter)
         .map_err(|e| backend_error(KIND, path, format!("cannot type the graph: {e:#}")))
+}
+
+/// tract's declutter passes, less `ConcatThenEinsum`, which splits a product whose summed axis
+/// is a concatenation into one product per part. Attention's values are memory, FAM and the
+/// block's own rows concatenated, so tract sliced the block's probabilities into three copies
+/// and packed each part again (a block of SmolLM2: 308 ms of slices and 177 ms of packing of
+/// 2.8 s).
+fn declutter(mut model: TypedModel) -> TractResult<TypedModel> {
+    let mut passes = Optimizer::declutter();
+    passes
+        .passes
+        .retain(|p| !format!("{p:?}").starts_with("ConcatThenEinsum"));
+    passes.optimize(&mut model)?;
+    Ok(model)
+}
+
+/// [`declutter`]ed again (`set_symbols` and famc's own rewrites leave work for it), then
+/// tract's codegen: what `into_optimized` does, with famc's declutter.
+fn optimise(model: TypedModel) -> TractResult<TypedModel> {
+    let mut model = declutter(model)?;
+    model.optimize()?;
+    Ok(model)
 }
 
 /// A product whose other operand has at most this many rows (of the constant's shorter side)
@@ -557,7 +578,7 @@ fn untie_shared_weights(mut model: TypedModel) -> TractResult<TypedModel> {
 fn symbolic_plan(path: &Path, model: TypedModel, threads: usize) -> Result<Arc<TypedSimplePlan>> {
     let plan_opts = plan_options(threads)?;
     untie_shared_weights(model)
-        .and_then(|m| m.into_optimized())
+        .and_then(optimise)
         .and_then(|m| m.into_runnable_with_options(&plan_opts))
         .map_err(|e| {
             backend_error(
