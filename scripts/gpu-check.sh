@@ -13,11 +13,12 @@
 #      provider loads libnvinfer.so.10);
 #   2. famc built with `--features cuda,tensorrt --release` (or $FAMC_BIN);
 #   3. `famc doctor`: the providers the library offers and whether they register;
-#   4. the tiny golden export (graphs/tiny-fam, 100 tokens over 7 blocks) on --ep cpu, cuda,
-#      tensorrt, tensorrt --trt-fp16, and tensorrt again from its engine cache;
+#   4. the tiny golden exports (graphs/tiny-fam*, 100 tokens over 7 blocks; one per target) on
+#      --ep cpu, cuda, tensorrt, tensorrt --trt-fp16, and tensorrt again from its engine cache,
+#      against each other and against the f64 reference's logits stored with them;
 #   5. a random model of 1B-parameter Llama shape (the `1b` bench preset: d 2048, 16 layers, 32
 #      heads, 8 KV heads, MLP 5632, vocab 32000, tied embeddings, about 0.8B parameters;
-#      L = 1024, F = 64, M = 1), exported once, run over 1124 tokens (one full block, which advances
+#      L = 1024, F = 64, M = 1), exported once (the first target), run over 1124 tokens (one full block, which advances
 #      the state, and a 100-token tail) on cpu, cuda and tensorrt;
 #   6. `famc bench` of that model (else the tiny one) on cuda and tensorrt: prefill and decode
 #      tokens/s; on cuda also with the state copied through the host per block (--compare-state).
@@ -40,6 +41,11 @@
 #   FAMC_BIN            a famc built with --features cuda,tensorrt (skips the build)
 #   GPU_CHECK_1B=0      skip the 1B model;  GPU_CHECK_TRT=0  skip TensorRT
 #   DEVICE_ID           the GPU (default 0)
+#   GPU_CHECK_TARGETS   the export targets the tiny model runs in (default "opset23 opset17 ort";
+#                       graphs/tiny-fam-TARGET); the 1B model and the bench use the first
+#   GPU_PYTHON          a Python with numpy (and the NVIDIA wheels) to use instead of the venv
+#   ORT_DYLIB_PATH      ONNX Runtime's library, if not the venv's onnxruntime-gpu; its providers
+#                       (libonnxruntime_providers_*.so) must lie beside it
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,6 +58,8 @@ TRT_SPEC=${TRT_SPEC-tensorrt-cu13-libs==10.16.1.11}
 DO_1B=${GPU_CHECK_1B:-1}
 DO_TRT=${GPU_CHECK_TRT:-1}
 DEV=${DEVICE_ID:-0}
+TARGETS=${GPU_CHECK_TARGETS:-opset23 opset17 ort}
+BIG_TARGET=${TARGETS%% *}
 TOL_FP32=2e-2
 TOL_FP16=5e-2
 mkdir -p "$OUT/logs"
@@ -137,19 +145,27 @@ setup_venv() {
 }
 export -f note setup_venv
 export VENV ORT_GPU_SPEC TRT_SPEC DO_TRT PIP_ONLINE=${PIP_ONLINE:-1}
-step setup-venv 60 setup_venv || { note "no usable virtualenv at $VENV"; exit 1; }
-SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-export PY=$VENV/bin/python
-ORT_LIB=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.1.* 2>/dev/null | sort -V | tail -1)
-if [[ -z $ORT_LIB ]]; then
-    note "no onnxruntime library in $SITE/onnxruntime/capi"
+if [[ -n ${GPU_PYTHON:-} ]]; then
+    # a Python that already has numpy and the NVIDIA wheels (a machine without network)
+    PY=$(command -v "$GPU_PYTHON") || { note "GPU_PYTHON=$GPU_PYTHON is not a program"; exit 1; }
+else
+    step setup-venv 60 setup_venv || { note "no usable virtualenv at $VENV"; exit 1; }
+    PY=$VENV/bin/python
+fi
+export PY
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [[ -z ${ORT_DYLIB_PATH:-} ]]; then
+    ORT_DYLIB_PATH=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.1.* 2>/dev/null | sort -V | tail -1)
+fi
+if [[ ! -f $ORT_DYLIB_PATH ]]; then
+    note "no onnxruntime library: set ORT_DYLIB_PATH or install onnxruntime-gpu in $SITE"
     exit 1
 fi
-export ORT_DYLIB_PATH=$ORT_LIB
-# famc loads ONNX Runtime itself (no Python): the providers find the NVIDIA wheels' libraries
-# through LD_LIBRARY_PATH (nvidia/cu13/lib, nvidia/cudnn/lib, tensorrt_libs, ...)
+export ORT_DYLIB_PATH
+# famc loads ONNX Runtime itself (no Python): the providers (beside the library) find the NVIDIA
+# wheels' libraries through LD_LIBRARY_PATH (nvidia/cu13/lib, nvidia/cudnn/lib, tensorrt_libs, ...)
 LIBDIRS=$(find "$SITE/nvidia" "$SITE/tensorrt_libs" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
-export LD_LIBRARY_PATH=${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=$(dirname "$ORT_DYLIB_PATH")${LIBDIRS:+:$LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 note "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
 note "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
@@ -214,35 +230,42 @@ EOF
 export -f compare run_ep state_on_device
 
 # ---------------------------------------------------------------------------------------------
-# 4. the tiny golden export
+# 4. the tiny golden exports, one per target
 # ---------------------------------------------------------------------------------------------
-TINY=$ROOT/graphs/tiny-fam
-TIDS=$TINY/ids.txt
-if step tiny-cpu 10 run_ep "$TINY" "$TIDS" "$OUT/tiny-cpu.npy" --ep cpu; then
-    step tiny-cuda 20 run_ep "$TINY" "$TIDS" "$OUT/tiny-cuda.npy" --ep cuda --device-id "$DEV" &&
-        step tiny-cuda-vs-cpu 5 compare tiny-cuda "$OUT/tiny-cpu.npy" "$OUT/tiny-cuda.npy" $TOL_FP32 "$OUT/results.txt"
-    step tiny-cuda-state 20 state_on_device tiny-cuda "$TINY" "$TIDS" --ep cuda --device-id "$DEV"
-    if [[ $DO_TRT == 1 ]]; then
-        step tiny-trt 60 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" &&
-            step tiny-trt-vs-cpu 5 compare tiny-tensorrt "$OUT/tiny-cpu.npy" "$OUT/tiny-trt.npy" $TOL_FP32 "$OUT/results.txt"
-        step tiny-trt-fp16 60 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt16.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" --trt-fp16 &&
-            step tiny-trt-fp16-vs-cpu 5 compare tiny-tensorrt-fp16 "$OUT/tiny-cpu.npy" "$OUT/tiny-trt16.npy" $TOL_FP16 "$OUT/results.txt"
-        step tiny-trt-state 30 state_on_device tiny-tensorrt "$TINY" "$TIDS" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"
-        # again: the engines now come from the cache
-        t0=$SECONDS
-        if step tiny-trt-cached 30 run_ep "$TINY" "$TIDS" "$OUT/tiny-trt-again.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"; then
-            engines=$(find "$CACHE" -name '*.engine' | wc -l)
-            echo "tiny tensorrt from its cache: $((SECONDS - t0))s, $engines engine file(s) under $CACHE" | tee -a "$OUT/results.txt"
-            step tiny-trt-cached-vs-cpu 5 compare tiny-tensorrt-cached "$OUT/tiny-cpu.npy" "$OUT/tiny-trt-again.npy" $TOL_FP32 "$OUT/results.txt"
+for target in $TARGETS; do
+    T=tiny-$target
+    TINY=$ROOT/graphs/tiny-fam
+    [[ $target == opset17 ]] || TINY=$ROOT/graphs/tiny-fam-$target
+    TIDS=$TINY/ids.txt
+    if step $T-cpu 10 run_ep "$TINY" "$TIDS" "$OUT/$T-cpu.npy" --ep cpu; then
+        step $T-cpu-vs-reference 5 compare $T-cpu-vs-reference "$TINY/logits.npy" "$OUT/$T-cpu.npy" $TOL_FP32 "$OUT/results.txt"
+        step $T-cuda 20 run_ep "$TINY" "$TIDS" "$OUT/$T-cuda.npy" --ep cuda --device-id "$DEV" &&
+            step $T-cuda-vs-cpu 5 compare $T-cuda "$OUT/$T-cpu.npy" "$OUT/$T-cuda.npy" $TOL_FP32 "$OUT/results.txt" &&
+            step $T-cuda-vs-reference 5 compare $T-cuda-vs-reference "$TINY/logits.npy" "$OUT/$T-cuda.npy" $TOL_FP32 "$OUT/results.txt"
+        step $T-cuda-state 20 state_on_device $T-cuda "$TINY" "$TIDS" --ep cuda --device-id "$DEV"
+        if [[ $DO_TRT == 1 ]]; then
+            step $T-trt 60 run_ep "$TINY" "$TIDS" "$OUT/$T-trt.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" &&
+                step $T-trt-vs-cpu 5 compare $T-tensorrt "$OUT/$T-cpu.npy" "$OUT/$T-trt.npy" $TOL_FP32 "$OUT/results.txt"
+            step $T-trt-fp16 60 run_ep "$TINY" "$TIDS" "$OUT/$T-trt16.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE" --trt-fp16 &&
+                step $T-trt-fp16-vs-cpu 5 compare $T-tensorrt-fp16 "$OUT/$T-cpu.npy" "$OUT/$T-trt16.npy" $TOL_FP16 "$OUT/results.txt"
+            step $T-trt-state 30 state_on_device $T-tensorrt "$TINY" "$TIDS" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"
+            # again: the engines now come from the cache
+            t0=$SECONDS
+            if step $T-trt-cached 30 run_ep "$TINY" "$TIDS" "$OUT/$T-trt-again.npy" --ep tensorrt --device-id "$DEV" --trt-cache-dir "$CACHE"; then
+                engines=$(find "$CACHE" -name '*.engine' | wc -l)
+                echo "$T tensorrt from its cache: $((SECONDS - t0))s, $engines engine file(s) under $CACHE" | tee -a "$OUT/results.txt"
+                step $T-trt-cached-vs-cpu 5 compare $T-tensorrt-cached "$OUT/$T-cpu.npy" "$OUT/$T-trt-again.npy" $TOL_FP32 "$OUT/results.txt"
+            fi
         fi
     fi
-fi
+done
 
 # ---------------------------------------------------------------------------------------------
 # 5. a random model of 1B-parameter shape
 # ---------------------------------------------------------------------------------------------
 export BIG=$OUT/model-1b
-BENCH_MODEL=$TINY
+BENCH_MODEL=$ROOT/graphs/tiny-fam
+[[ $BIG_TARGET == opset17 ]] || BENCH_MODEL+=-$BIG_TARGET
 BENCH_NAME=tiny
 BENCH_TOKENS=64
 write_1b() {
@@ -307,7 +330,7 @@ if [[ $DO_1B == 1 ]]; then
         have_big=0
         rm -rf "$BIG"
         step 1b-write-checkpoint 90 write_1b &&
-            step 1b-export 150 "$FAMC" export "$BIG/ckpt" --block-len 1024 --fam-len 64 --mem-blocks 1 --out "$BIG/export" &&
+            step 1b-export 150 "$FAMC" export "$BIG/ckpt" --block-len 1024 --fam-len 64 --mem-blocks 1 --target "$BIG_TARGET" --out "$BIG/export" &&
             have_big=1
         rm -rf "$BIG/ckpt"
     fi
