@@ -971,6 +971,9 @@ impl GraphRunner for OrtRunner {
             .session
             .run_binding(&binding)
             .map_err(|e| fail("run failed".into(), e))?;
+        if let Some(w) = &self._weights {
+            w.release_pages_now_and_then();
+        }
         self.output_names
             .iter()
             .zip(host)

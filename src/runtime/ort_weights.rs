@@ -35,6 +35,9 @@ pub(crate) struct SharedWeights {
     path: PathBuf,
     values: Mutex<HashMap<TensorKey, Arc<DynValue>>>,
     prepacked: PrepackedWeights,
+    /// Milliseconds after `opened` of the last [`SharedWeights::release_pages_now_and_then`].
+    released_at_ms: std::sync::atomic::AtomicU64,
+    opened: std::time::Instant,
     // dropped last: every value above points into it
     map: Mmap,
 }
@@ -168,6 +171,8 @@ impl SharedWeights {
             path: path.to_path_buf(),
             values: Mutex::new(HashMap::new()),
             prepacked: PrepackedWeights::new(),
+            released_at_ms: Default::default(),
+            opened: std::time::Instant::now(),
             map,
         });
         reg.insert(key, Arc::downgrade(&s));
@@ -233,6 +238,29 @@ impl SharedWeights {
             self.map
                 .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
         };
+    }
+}
+
+/// The least time between two releases of a store's pages while it is in use.
+const RELEASE_EVERY_MS: u64 = 100;
+
+impl SharedWeights {
+    /// [`SharedWeights::release_pages`] after a run, at most every [`RELEASE_EVERY_MS`]: the
+    /// `Gather` reads embedding rows from the mapping, and the kernel maps the cached pages
+    /// around each row it faults in, so scoring real text made most of a large embedding
+    /// resident again (SmolLM2's 113 MB, on top of the packed head) over a few thousand tokens.
+    pub(crate) fn release_pages_now_and_then(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.opened.elapsed().as_millis() as u64;
+        let last = self.released_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= RELEASE_EVERY_MS
+            && self
+                .released_at_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.release_pages();
+        }
     }
 }
 
