@@ -194,6 +194,32 @@ fn in_child(name: &str, dir: &Path) -> String {
     text
 }
 
+/// Exports a checkpoint of `spec` (L = 16, F = 4, M = 1), runs the test `child` on it in a
+/// child process and returns the numbers on the child's line that starts with `label`.
+fn measured_in_child(spec: &Spec, child: &str, label: &str) -> Vec<f64> {
+    let (tmp, dir, _) = temp_checkpoint(spec);
+    let ck = Checkpoint::load(&dir).unwrap();
+    let out = tmp.path().join("export");
+    let p = FamParams {
+        block_len: 16,
+        fam_len: 4,
+        mem_blocks: 1,
+    };
+    export::export(&ck, p, &out, &ExportOptions::default()).unwrap();
+    drop(ck);
+    let text = in_child(child, &out);
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no measurement in:\n{text}"));
+    text[at + label.len()..]
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
 /// A model big enough (216 MiB of f32 weights) for its weights to stand out of what ONNX
 /// Runtime's sessions hold besides.
 fn footprint_spec() -> Spec {
@@ -217,30 +243,7 @@ fn ort_sessions_of_one_export_hold_the_weights_once() {
         eprintln!("skipped: ONNX Runtime is not available");
         return;
     }
-    let spec = footprint_spec();
-    let (tmp, dir, _) = temp_checkpoint(&spec);
-    let ck = Checkpoint::load(&dir).unwrap();
-    let out = tmp.path().join("export");
-    let p = FamParams {
-        block_len: 16,
-        fam_len: 4,
-        mem_blocks: 1,
-    };
-    export::export(&ck, p, &out, &ExportOptions::default()).unwrap();
-    drop(ck);
-    let text = in_child("child_opens_every_graph", &out);
-    let at = text
-        .find("footprint: ")
-        .unwrap_or_else(|| panic!("no measurement in:\n{text}"));
-    let v: Vec<f64> = text[at..]
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .map(|x| x.parse().unwrap())
-        .collect();
+    let v = measured_in_child(&footprint_spec(), "child_opens_every_graph", "footprint:");
     let (store, block, rest) = (v[0], v[1], v[2]);
     eprintln!(
         "store {:.1} MiB; opening the block graph added {:.1} MiB, the decode and FAM-kv graphs {:.1} MiB",
@@ -322,26 +325,7 @@ fn ort_embedding_rows_read_do_not_stay_resident() {
         vocab: 32768,
         ..footprint_spec()
     };
-    let (tmp, dir, _) = temp_checkpoint(&spec);
-    let ck = Checkpoint::load(&dir).unwrap();
-    let out = tmp.path().join("export");
-    let p = FamParams {
-        block_len: 16,
-        fam_len: 4,
-        mem_blocks: 1,
-    };
-    export::export(&ck, p, &out, &ExportOptions::default()).unwrap();
-    drop(ck);
-    let text = in_child("child_reads_scattered_rows", &out);
-    let at = text
-        .find("embedding rows: ")
-        .unwrap_or_else(|| panic!("no measurement in:\n{text}"));
-    let grew: f64 = text[at + "embedding rows: ".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let grew = measured_in_child(&spec, "child_reads_scattered_rows", "embedding rows:")[0];
     let embedding = (spec.vocab * spec.hidden * 4) as f64;
     eprintln!(
         "mapped pages resident grew by {:.1} MiB over scattered tokens, embedding {:.1} MiB",
