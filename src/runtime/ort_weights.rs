@@ -5,10 +5,10 @@
 //! times. Here the weight store is memory-mapped once per process, each tensor in it becomes one
 //! ONNX Runtime value over the mapping that every session takes as a shared initializer
 //! (`AddInitializer`), and the sessions share one prepacked-weights container, so each matrix
-//! is also packed once. While a session is built and once it is, the mapping's pages are handed
-//! back to the page cache (the packed copies are what the session computes with; what it still
-//! reads of the mapping, embedding rows, faults back in on demand), so the weights are resident
-//! about once, not as the mapping plus the packed copy.
+//! is also packed once. While a session is built, once it is and after its runs, the mapping's
+//! pages are handed back to the page cache (the packed copies are what the session computes
+//! with; what it still reads of the mapping, embedding rows, faults back in on demand), so the
+//! weights are resident about once, not as the mapping plus the packed copy.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
