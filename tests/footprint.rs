@@ -167,12 +167,17 @@ fn every_graph_reads_one_store_holding_each_matrix_once() {
     }
 }
 
-/// Resident set size of this process now (Linux `VmRSS`), in bytes.
-fn rss_bytes() -> u64 {
+/// A size this process's `/proc/self/status` gives under `field` (in KiB there), in bytes.
+fn status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
+}
+
+/// Resident set size of this process now (Linux `VmRSS`), in bytes.
+fn rss_bytes() -> u64 {
+    status_bytes("VmRSS:")
 }
 
 const CHILD_ENV: &str = "FAMC_FOOTPRINT_CHILD";
@@ -309,10 +314,7 @@ fn child_opens_every_graph() {
 
 /// This process's resident pages of mapped files (Linux `RssFile`), in bytes.
 fn rss_file_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
+    status_bytes("RssFile:")
 }
 
 #[test]
@@ -351,18 +353,9 @@ fn child_reads_scattered_rows() {
         ..RunOptions::default()
     };
     let model = FamModel::open(Path::new(&dir), BackendKind::Ort, &opts).unwrap();
-    let vocab = model.manifest().model.vocab_size as u64;
-    let mut state = 12345u64;
-    let mut ids = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) % vocab) as u32
-            })
-            .collect()
-    };
+    let vocab = model.manifest().model.vocab_size as u32;
+    let mut rng = Rng::new(12345);
+    let mut ids = |n: usize| rng.tokens(n, vocab);
     model.run(&ids(16)).unwrap();
     let before = rss_file_bytes();
     for _ in 0..40 {

@@ -230,21 +230,6 @@ impl SharedWeights {
         Ok(value)
     }
 
-    /// Hands the mapping's resident pages back: after a session has packed its weights it
-    /// reads few of them again, and those fault back in from the page cache.
-    pub(crate) fn release_pages(&self) {
-        // SAFETY: the mapping is a read-only file mapping; dropping its pages loses nothing.
-        let _ = unsafe {
-            self.map
-                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-        };
-    }
-}
-
-/// The least time between two releases of a store's pages while it is in use.
-const RELEASE_EVERY_MS: u64 = 100;
-
-impl SharedWeights {
     /// [`SharedWeights::release_pages`] after a run, at most every [`RELEASE_EVERY_MS`]: the
     /// `Gather` reads embedding rows from the mapping, and the kernel maps the cached pages
     /// around each row it faults in, so scoring real text made most of a large embedding
@@ -262,7 +247,20 @@ impl SharedWeights {
             self.release_pages();
         }
     }
+
+    /// Hands the mapping's resident pages back: after a session has packed its weights it
+    /// reads few of them again, and those fault back in from the page cache.
+    pub(crate) fn release_pages(&self) {
+        // SAFETY: the mapping is a read-only file mapping; dropping its pages loses nothing.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
 }
+
+/// The least time between two releases of a store's pages while it is in use.
+const RELEASE_EVERY_MS: u64 = 100;
 
 /// Hands a store's pages back every few milliseconds until dropped.
 pub(crate) struct Releaser {
